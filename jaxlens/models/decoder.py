@@ -1,0 +1,90 @@
+"""The model's own head: final norm then unembedding, as a small pytree a lens can carry.
+
+A lens decodes a layer's residual stream with exactly the model's final norm and unembedding, so
+we lift those few arrays out of the model's parameters into `Decoder`. It is a pytree (arrays are
+leaves, the norm kind and epsilon are static), so it can be passed into `jax.jit`, sharded, and
+differentiated through without touching the rest of the model.
+
+Axis letters used in names throughout jaxlens: b batch, t token position, d model width,
+v vocabulary, l layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+NORM_KINDS = ("layernorm", "rmsnorm", "gemma_rmsnorm", "none")
+
+
+@struct.dataclass
+class Decoder:
+    """Final norm + unembedding of a causal LM.
+
+    Attributes:
+      unembed_vd: the unembedding matrix `[vocab, d]` (torch `lm_head.weight` layout).
+      unembed_bias_v: the lm_head bias `[vocab]`, or None (only GPT-J has one here).
+      norm_scale_d: the final norm's scale `[d]` (Gemma: the gamma in `1 + gamma`), or None.
+      norm_bias_d: the final LayerNorm's bias `[d]`, or None.
+      norm_kind: one of NORM_KINDS.
+      eps: the final norm's epsilon, the model's own.
+    """
+
+    unembed_vd: jax.Array
+    unembed_bias_v: jax.Array | None
+    norm_scale_d: jax.Array | None
+    norm_bias_d: jax.Array | None
+    norm_kind: str = struct.field(pytree_node=False)
+    eps: float = struct.field(pytree_node=False)
+
+    def final_norm(self, h_d: jax.Array) -> jax.Array:
+        """Applies the final norm over the last axis, computing in float32.
+
+        Args:
+          h_d: residual-stream vectors `[..., d]`, any float dtype.
+        Returns:
+          normalised vectors `[..., d]` in float32.
+        """
+        h = h_d.astype(jnp.float32)
+        if self.norm_kind == "layernorm":
+            centred = h - h.mean(-1, keepdims=True)
+            h = centred * jax.lax.rsqrt((centred**2).mean(-1, keepdims=True) + self.eps)
+        elif self.norm_kind in ("rmsnorm", "gemma_rmsnorm"):
+            h = h / jnp.sqrt((h**2).mean(-1, keepdims=True) + self.eps)
+        if self.norm_scale_d is not None:
+            scale = self.norm_scale_d.astype(jnp.float32)
+            h = h * (1.0 + scale if self.norm_kind == "gemma_rmsnorm" else scale)
+        if self.norm_bias_d is not None:
+            h = h + self.norm_bias_d.astype(jnp.float32)
+        return h
+
+    def unembed(self, h_d: jax.Array) -> jax.Array:
+        """Maps normalised vectors to logits with float32 accumulation.
+
+        Args:
+          h_d: `[..., d]`; cast to the unembedding's dtype for the matmul.
+        Returns:
+          logits `[..., vocab]` in float32.
+        """
+        logits = jnp.einsum(
+            "...d,vd->...v",
+            h_d.astype(self.unembed_vd.dtype),
+            self.unembed_vd,
+            preferred_element_type=jnp.float32,
+        )
+        if self.unembed_bias_v is not None:
+            logits = logits + self.unembed_bias_v.astype(jnp.float32)
+        return logits
+
+    def __call__(self, h_d: jax.Array) -> jax.Array:
+        """Logits `[..., vocab]` of un-normalised residual vectors `[..., d]`."""
+        return self.unembed(self.final_norm(h_d))
+
+    @property
+    def d_model(self) -> int:
+        return self.unembed_vd.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unembed_vd.shape[0]

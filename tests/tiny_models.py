@@ -1,0 +1,97 @@
+"""Tiny random PyTorch transformers models, one per family, saved for jaxlens to load.
+
+Every parameter (norms and biases included) is perturbed away from its initial value, so a
+mistake in any of them (a norm read as 1, a bias dropped, a transposed kernel) shows in the
+comparison. Llama, Mistral and Gemma use a non-default rope_theta, an explicit head_dim that is not
+hidden_size // heads, tied embeddings and grouped-query attention, which transformers' stock Flax
+classes get wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+VOCAB = 97
+
+
+def configs() -> dict[str, transformers.PretrainedConfig]:
+    common_llama = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        tie_word_embeddings=True,
+    )
+    return {
+        "gpt2": transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=3, n_head=4
+        ),
+        "gpt_neo": transformers.GPTNeoConfig(
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            hidden_size=32,
+            num_layers=3,
+            num_heads=4,
+            attention_types=[[["global", "local", "global"], 1]],
+            window_size=4,
+        ),
+        "gptj": transformers.GPTJConfig(
+            vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=3, n_head=4, rotary_dim=4
+        ),
+        "opt": transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            ffn_dim=48,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        ),
+        "bloom": transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4),
+        "llama": transformers.LlamaConfig(**common_llama),
+        "mistral": transformers.MistralConfig(**common_llama, sliding_window=5),
+        "gemma": transformers.GemmaConfig(
+            **{**common_llama, "rope_theta": 1000.0}, hidden_activation="gelu_pytorch_tanh"
+        ),
+    }
+
+
+FAMILIES = tuple(configs())
+
+
+def build(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A random PyTorch causal LM of `family` in float32, eval mode, all weights perturbed."""
+    torch.manual_seed(seed)
+    config = configs()[family]
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, torch_dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def save(model: transformers.PreTrainedModel, directory: Path, shard_size=None) -> Path:
+    """Saves as safetensors (sharded when `shard_size` is given, e.g. "20KB")."""
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    return directory
+
+
+def final_norm_module(model):
+    """The PyTorch module a lens must use as the final norm."""
+    family = model.config.model_type
+    if family in ("gpt2", "gpt_neo", "gptj", "bloom"):
+        return model.transformer.ln_f
+    if family == "opt":
+        return model.model.decoder.final_layer_norm
+    return model.model.norm
