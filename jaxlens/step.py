@@ -99,7 +99,7 @@ def make_train_step(
         translators = optax.apply_updates(state.translators, updates)
         metrics = {
             "loss_l": loss_l,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
         return TrainState(state.step + 1, translators, opt_state), metrics

