@@ -52,6 +52,8 @@ def make_mesh(data: int, model: int) -> jax.sharding.Mesh:
 
 
 def load_subject(config) -> SubjectModel:
+    if not config.model.source:
+        raise ValueError("Set --config.model.source to a model directory, .gguf file or hub id.")
     if config.model.dtype not in DTYPES:
         raise ValueError(f"--config.model.dtype must be one of {sorted(DTYPES)}.")
     dtype = DTYPES[config.model.dtype]
@@ -128,6 +130,44 @@ def _bank_shardings(mesh, translators_or_state):
     return jax.tree.map(spec, translators_or_state)
 
 
+def _optimizer(config):
+    return make_optimizer(
+        num_steps=config.num_steps,
+        optimizer=config.optimizer,
+        lr_scale=config.lr_scale,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+        warmup_steps=None if config.warmup_steps < 0 else config.warmup_steps,
+        bias_only=config.bias_only,
+    )
+
+
+def _initial_state(config, model: SubjectModel, optimizer):
+    return TrainState.create(
+        Translators.zeros(model.num_layers, model.d_model, bias=config.bias), optimizer
+    )
+
+
+def restore_translators(config, model: SubjectModel, workdir, step: int | None = None):
+    """The translators of a run's checkpoint (latest, or `step`), on the default device."""
+    optimizer, _ = _optimizer(config)
+    # Restore onto this process's first device, whatever mesh the run was saved from.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        jax.eval_shape(lambda: _initial_state(config, model, optimizer)),
+    )
+    with Checkpointer(
+        pathlib.Path(workdir) / "checkpoints",
+        save_every=1,
+        keep=10**9,
+        metadata=run_metadata(config, model),
+    ) as checkpointer:
+        state, _, _ = checkpointer.restore(abstract, step)
+    return state.translators
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains a tuned lens as `config` says, checkpointing under `workdir`; returns eval metrics.
 
@@ -158,21 +198,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     stream = data_lib.ChunkStream(train_data.chunks, seed=config.seed)
     stream.check_enough(config.num_steps, batch_size, allow_repeat=config.data.allow_repeat)
 
-    optimizer, schedule = make_optimizer(
-        num_steps=config.num_steps,
-        optimizer=config.optimizer,
-        lr_scale=config.lr_scale,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        clip_norm=config.clip_norm,
-        warmup_steps=None if config.warmup_steps < 0 else config.warmup_steps,
-        bias_only=config.bias_only,
-    )
+    optimizer, schedule = _optimizer(config)
     replicated = NamedSharding(mesh, P())
     model_params = jax.device_put(model.params, replicated)
-    init = lambda: TrainState.create(  # noqa: E731
-        Translators.zeros(model.num_layers, model.d_model, bias=config.bias), optimizer
-    )
+
+    def init():
+        return _initial_state(config, model, optimizer)
+
     abstract_state = jax.eval_shape(init)
     state_shardings = _bank_shardings(mesh, abstract_state)
     batch_sharding = NamedSharding(mesh, P("data"))

@@ -1,0 +1,210 @@
+"""The training job end to end: a tiny real model on real Shakespeare text, real Orbax state."""
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tiny_models
+import transformers
+
+from configs import tiny
+from jaxlens import assets, train_lib
+from jaxlens.checkpointing import IncompatibleCheckpointError
+from jaxlens.models import load_model
+from jaxlens.models.gguf import load_gguf_tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _save_tiny_lm(directory, family, tokenizer, **overrides):
+    config = tiny_models.configs()[family]
+    config.vocab_size = len(tokenizer)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_gguf_tokenizer(assets.smollm2_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory, tokenizer):
+    """A tiny random Llama with SmolLM2's tokenizer (so it can read real text)."""
+    return _save_tiny_lm(tmp_path_factory.mktemp("tiny_llama"), "llama", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    """Three plays as .txt files: about 100k tokens, enough for hundreds of tiny steps."""
+    directory = tmp_path_factory.mktemp("text")
+    for i, text in enumerate(assets.shakespeare_texts()[:3]):
+        (directory / f"{i}.txt").write_text(text)
+    return directory
+
+
+def _config(model_dir, text_dir, **overrides):
+    config = tiny.get_config()
+    config.model.source = str(model_dir)
+    config.data.source = str(text_dir)
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def test_training_lowers_the_lens_loss_and_beats_the_logit_lens(tiny_lm, text_dir, tmp_path):
+    config = _config(tiny_lm, text_dir, num_steps=12)
+    result = train_lib.train_and_evaluate(config, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert records[-1]["loss_nats_mean"] < records[0]["loss_nats_mean"]
+    assert np.mean(result["tuned"]["kl_nats"]) < np.mean(result["logit"]["kl_nats"])
+    assert (tmp_path / "eval.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["logit"]["kl_nats"] == pytest.approx(result["logit"]["kl_nats"])
+
+
+def _train_command(model_dir, text_dir, workdir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "jaxlens.train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.model.source={model_dir}",
+        f"--config.data.source={text_dir}",
+        *extra,
+    ]
+
+
+def test_a_killed_run_resumes_to_the_same_lens_and_data_order(tiny_lm, text_dir, tmp_path):
+    steps = ["--config.num_steps=60", "--config.checkpoint_every=4", "--config.keep_checkpoints=50"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _train_command(tiny_lm, text_dir, killed, *steps),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (killed / "checkpoints" / "4").is_dir():
+            assert process.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        process.kill()
+    resumed_records = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert resumed_records[-1]["step"] < 60, "the run finished before it was killed"
+    subprocess.run(_train_command(tiny_lm, text_dir, killed, *steps), cwd=REPO, check=True)
+
+    whole = tmp_path / "whole"
+    subprocess.run(_train_command(tiny_lm, text_dir, whole, *steps), cwd=REPO, check=True)
+
+    config = _config(tiny_lm, text_dir, num_steps=60, checkpoint_every=4)
+    model = load_model(tiny_lm)
+    a = train_lib.restore_translators(config, model, killed)
+    b = train_lib.restore_translators(config, model, whole)
+    np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-6)
+    np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-6)
+    # Same data order: every step's loss after the resume equals the uninterrupted run's.
+    by_step = {}
+    for line in (whole / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record["loss_nats_mean"]
+    final = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    for record in final[len(resumed_records) :]:
+        assert record["loss_nats_mean"] == pytest.approx(by_step[record["step"]], abs=1e-6)
+
+
+def test_eight_devices_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
+    one = tmp_path / "one"
+    train_lib.train_and_evaluate(_config(tiny_lm, text_dir), one)
+    eight = tmp_path / "eight"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    subprocess.run(
+        _train_command(tiny_lm, text_dir, eight, "--config.mesh.data=4", "--config.mesh.model=2"),
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
+    config = _config(tiny_lm, text_dir)
+    model = load_model(tiny_lm)
+    a = train_lib.restore_translators(config, model, one)
+    b = train_lib.restore_translators(config, model, eight)
+    np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-5)
+    np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-5)
+
+
+# Bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"num_steps": 100_000}, r"The training split has \d+ sequences of 32 tokens"),
+        ({"tokens_per_step": 100}, "is not a multiple of --config.data.seq_len=32"),
+        ({"data.seq_len": 128, "tokens_per_step": 512}, "exceeds the model's 64 positions"),
+        ({"micro_batches": 3}, "do not divide into 1 data-parallel devices x 3 micro-batches"),
+    ],
+)
+def test_bad_config_is_refused_before_training(tiny_lm, text_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train_lib.train_and_evaluate(_config(tiny_lm, text_dir, **overrides), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unknown_config_field_is_refused(tiny_lm, text_dir, tmp_path):
+    result = subprocess.run(
+        _train_command(tiny_lm, text_dir, tmp_path, "--config.num_stepz=3"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "num_stepz" in result.stderr
+
+
+def _tree_digest(directory):
+    digest = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            digest[str(path.relative_to(directory))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest
+
+
+def test_an_incompatible_checkpoint_stops_the_run_and_is_kept(
+    tiny_lm, text_dir, tmp_path, tokenizer
+):
+    train_lib.train_and_evaluate(_config(tiny_lm, text_dir, num_steps=2), tmp_path / "run")
+    before = _tree_digest(tmp_path / "run")
+    wider = _save_tiny_lm(tmp_path / "wider", "llama", tokenizer, hidden_size=48, head_dim=12)
+    with pytest.raises(IncompatibleCheckpointError, match="d_model"):
+        train_lib.train_and_evaluate(_config(wider, text_dir, num_steps=2), tmp_path / "run")
+    assert _tree_digest(tmp_path / "run") == before
+
+
+def test_a_non_finite_loss_stops_the_run_naming_step_and_layers(tiny_lm, text_dir, tmp_path):
+    config = _config(tiny_lm, text_dir, lr_scale=1e30, clip_norm=0.0)
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"at step \d+ in layers \[0"):
+        train_lib.train_and_evaluate(config, tmp_path)
