@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jaxlens-installed
+DEMO_WORKDIR ?= workdirs/demo
 
 .PHONY: setup demo test lint format clean
 
@@ -16,19 +17,19 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m jaxlens.demo
+	$(PY) -m jaxlens.train --config=configs/smollm2_shakespeare.py --workdir=$(DEMO_WORKDIR)
 
 test: setup
-	$(PY) -m ruff check jaxlens tests
-	$(PY) -m ruff format --check jaxlens tests
+	$(PY) -m ruff check jaxlens tests configs
+	$(PY) -m ruff format --check jaxlens tests configs
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check jaxlens tests
+	$(PY) -m ruff check jaxlens tests configs
 
 format: setup
-	$(PY) -m ruff format jaxlens tests
-	$(PY) -m ruff check --fix jaxlens tests
+	$(PY) -m ruff format jaxlens tests configs
+	$(PY) -m ruff check --fix jaxlens tests configs
 
 clean:
 	rm -rf $(VENV)

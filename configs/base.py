@@ -15,16 +15,15 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    # A local HF directory, a .gguf file, a hub id (needs network), or "embedded:smollm2".
-    c.model.source = "embedded:smollm2"
+    c.model.source = "embedded:smollm2"  # HF dir, .gguf file, hub id, or "embedded:smollm2"
     c.model.revision = ""  # hub revision ("" = default branch)
     c.model.dtype = "float32"  # model and unembedding dtype: float32 or bfloat16
 
     c.data = ml_collections.ConfigDict()
-    # .txt file/dir/glob, .jsonl/.parquet, "shakespeare" (offline), or a hub dataset name.
-    c.data.source = "shakespeare"
+    c.data.source = "shakespeare"  # .txt file/dir/glob, .jsonl/.parquet, or a hub dataset name
     c.data.text_field = "text"  # the document field of jsonl/parquet/hub data
     c.data.split = "train"  # hub dataset split
+    c.data.hub_config = ""  # hub dataset configuration name ("" = none), e.g. "sample-10BT"
     c.data.max_documents = 0  # 0 = all (hub data: how many streamed documents to take)
     c.data.seq_len = 2048  # tokens per sequence (tuned-lens: 2048, capped by the model)
     c.data.heldout_sequences = 16  # sequences set aside for evaluation, never trained on
@@ -55,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # devices on the data axis (-1 = all that remain)
     c.mesh.model = 1  # devices on the model axis (shards the translator bank's output dim)
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU VM / GPU cluster)
+    # Only where the cluster is not detected (TPU VMs and SLURM are):
+    c.coordinator_address = ""  # host:port of process 0
+    c.num_processes = 0  # number of processes (0 = detect)
+    c.process_id = -1  # this process's index (-1 = detect)
 
     c.checkpoint_every = 50  # steps between Orbax checkpoints (the last step is always saved)
     c.keep_checkpoints = 3  # how many checkpoints to keep

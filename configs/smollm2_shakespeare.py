@@ -16,10 +16,10 @@ def get_config():
     c.model.source = "embedded:smollm2"
     c.data.source = "shakespeare"
     c.data.seq_len = 256
-    c.data.heldout_sequences = 16
-    c.num_steps = 24
+    c.data.heldout_sequences = 8
+    c.num_steps = 20
     c.tokens_per_step = 1024
-    c.chunk_tokens = 512
-    c.checkpoint_every = 8
+    c.chunk_tokens = 1024
+    c.checkpoint_every = 5
     c.log_every = 1
     return c

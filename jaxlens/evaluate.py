@@ -13,28 +13,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.lens import Translators, TunedLens
-from jaxlens.losses import layer_losses
+from jaxlens.losses import layer_metrics
 from jaxlens.models import SubjectModel
 
 
 def make_eval_step(model: SubjectModel, *, chunk_tokens: int = 2048):
-    """`eval_step(translators, model_params, ids_bt) -> dict of [L] (and scalar) means`."""
+    """`eval_step(translators, model_params, ids_bt)` -> per-layer metrics of both lenses."""
 
     def eval_step(translators, model_params, ids_bt):
-        out = model.apply(model_params, ids_bt)
-        hidden = out.hidden_lbtd
+        hidden = model.apply(model_params, ids_bt).hidden_lbtd
         decoder = model.decoder(model_params)
         logit_lens = Translators.zeros(model.num_layers, model.d_model, bias=False)
         metrics = {}
         for name, bank in (("logit", logit_lens), ("tuned", translators)):
             lens = TunedLens(decoder=decoder, translators=bank)
-            for loss in ("kl", "ce"):
-                metrics[f"{name}/{loss}"] = layer_losses(
-                    lens, hidden[:-1], hidden[-1], ids_bt, loss=loss, chunk_tokens=chunk_tokens
-                )
-        log_p = jax.nn.log_softmax(decoder.unembed(hidden[-1][:, :-1]))
-        labels = ids_bt[:, 1:, None]
-        metrics["baseline/ce"] = -jnp.take_along_axis(log_p, labels, axis=-1).mean()
+            per_layer = layer_metrics(
+                lens, hidden[:-1], hidden[-1], ids_bt, chunk_tokens=chunk_tokens
+            )
+            metrics.update({f"{name}/{k}": v for k, v in per_layer.items()})
         return metrics
 
     return eval_step
@@ -60,8 +56,8 @@ def evaluate(
       batch_size: sequences per jitted evaluation batch (the last partial batch is dropped
         unless it is the only one).
     Returns:
-      `{"logit": {"kl_nats": [L], "kl_bpb": [L], "ce_bpb": [L]}, "tuned": {...},
-        "baseline": {"ce_bpb": float}, "tokens": int}`.
+      `{"logit": {"kl_nats", "kl_bpb", "ce_bpb", "entropy_bpb": [L]}, "tuned": {...},
+        "baseline": {"ce_bpb", "entropy_bpb": float}, "tokens": int}`.
     """
     params = model.params if model_params is None else model_params
     step = jax.jit(make_eval_step(model, chunk_tokens=chunk_tokens))
@@ -82,8 +78,12 @@ def evaluate(
             "kl_nats": kl.tolist(),
             "kl_bpb": (kl * nats_to_bpb).tolist(),
             "ce_bpb": (means[f"{name}/ce"] * nats_to_bpb).tolist(),
+            "entropy_bpb": (means[f"{name}/entropy"] * nats_to_bpb).tolist(),
         }
-    result["baseline"] = {"ce_bpb": float(means["baseline/ce"] * nats_to_bpb)}
+    result["baseline"] = {
+        "ce_bpb": float(means["logit/baseline_ce"] * nats_to_bpb),
+        "entropy_bpb": float(means["logit/baseline_entropy"] * nats_to_bpb),
+    }
     return result
 
 

@@ -35,7 +35,7 @@ def _soft_cross_entropy(kind, x_cd, unembed_vd, bias_v, target, weight_c):
     """Weighted sum over the chunk of -sum_v p log softmax(z), z = x U^T + c.
 
     Args:
-      kind: "kl" (target is log p `[c, V]`) or "ce" (target is token ids `[c]`).
+      kind: "kl" (target is the probabilities p `[c, V]`) or "ce" (target is token ids `[c]`).
       x_cd: normalised lens hidden states, float32 `[c, d]`.
       unembed_vd, bias_v: the model's unembedding `[V, d]` and lm_head bias `[V]` or None.
       target: see `kind`.
@@ -47,23 +47,26 @@ def _soft_cross_entropy(kind, x_cd, unembed_vd, bias_v, target, weight_c):
 
 
 def _forward(kind, x_cd, unembed_vd, bias_v, target, weight_c):
-    log_q = jax.nn.log_softmax(_logits(x_cd, unembed_vd, bias_v))
-    q = jnp.exp(log_q)
+    # With lse = logsumexp(z): -sum_v p log softmax(z) = lse - sum_v p z (as sum_v p = 1), and
+    # its gradient in z is softmax(z) - p. One exp per logit; no [c, V] log-probabilities.
+    z = _logits(x_cd, unembed_vd, bias_v)
+    peak = jax.lax.stop_gradient(z.max(-1, keepdims=True))
+    e = jnp.exp(z - peak)
+    total = e.sum(-1, keepdims=True)
+    lse_c = (peak + jnp.log(total))[:, 0]
+    q = e / total
     if kind == "kl":
-        p = jnp.exp(target)
-        cross_c = -(p * log_q).sum(-1)
-        dz = q - p
+        cross_c = lse_c - (target * z).sum(-1)
+        dz = q - target
     else:
-        cross_c = -jnp.take_along_axis(log_q, target[:, None], axis=-1)[:, 0]
-        dz = q.at[jnp.arange(q.shape[0]), target].add(-1.0)
+        rows = jnp.arange(z.shape[0])
+        cross_c = lse_c - z[rows, target]
+        dz = q.at[rows, target].add(-1.0)
     # d(sum_c w_c cross_c)/dx = w_c (q - p) U: computed now, while q is at hand.
     dx_cd = jnp.einsum(
-        "cv,vd->cd",
-        (dz * weight_c[:, None]).astype(unembed_vd.dtype),
-        unembed_vd,
-        preferred_element_type=jnp.float32,
+        "cv,vd->cd", dz.astype(unembed_vd.dtype), unembed_vd, preferred_element_type=jnp.float32
     )
-    return (cross_c * weight_c).sum(), dx_cd
+    return (cross_c * weight_c).sum(), dx_cd * weight_c[:, None]
 
 
 def _fwd(kind, x_cd, unembed_vd, bias_v, target, weight_c):
@@ -78,6 +81,20 @@ def _bwd(kind, residuals, g):
 
 
 _soft_cross_entropy.defvjp(_fwd, _bwd)
+
+
+def _translate(kernel_dd, bias_d, h_cd):
+    """One translator in residual form: h + h W + b, in float32."""
+    h = h_cd.astype(jnp.float32)
+    moved = h + h @ kernel_dd
+    return moved if bias_d is None else moved + bias_d
+
+
+def _pad_to_chunks(x_n, chunk):
+    """Zero-pads the leading axis to a multiple of `chunk`: `[n, ...] -> [k, chunk, ...]`."""
+    pad = -x_n.shape[0] % chunk
+    x_n = jnp.pad(x_n, ((0, pad),) + ((0, 0),) * (x_n.ndim - 1))
+    return x_n.reshape((-1, chunk) + x_n.shape[1:])
 
 
 def layer_losses(
@@ -119,16 +136,10 @@ def layer_losses(
         target_nd = input_ids_bt[:, shift:].reshape(batch * span)
     n = batch * span
     chunk = min(chunk_tokens, n)
-    pad = -n % chunk
-    weight_n = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)])
-    h_lnd = jnp.pad(h_lnd, ((0, 0), (0, pad), (0, 0)))
-    target_nd = jnp.pad(target_nd, ((0, pad),) + ((0, 0),) * (target_nd.ndim - 1))
-
-    num_chunks = (n + pad) // chunk
     chunks = (
-        h_lnd.reshape(num_layers, num_chunks, chunk, d).swapaxes(0, 1),
-        target_nd.reshape((num_chunks, chunk) + target_nd.shape[1:]),
-        weight_n.reshape(num_chunks, chunk),
+        jax.vmap(lambda h_nd: _pad_to_chunks(h_nd, chunk), out_axes=1)(h_lnd),
+        _pad_to_chunks(target_nd, chunk),
+        _pad_to_chunks(jnp.ones(n, jnp.float32), chunk),
     )
     decoder = lens.decoder
     translators = lens.translators
@@ -136,21 +147,16 @@ def layer_losses(
     def one_chunk(total_l, xs):
         h_lcd, target_c, weight_c = xs
         if loss == "kl":
-            target_c = jax.lax.stop_gradient(
+            log_p = jax.lax.stop_gradient(
                 jax.nn.log_softmax(decoder.unembed(target_c.astype(jnp.float32)))
             )
-            p = jnp.exp(target_c)
-            neg_entropy = (weight_c * (p * target_c).sum(-1)).sum()
+            target_c = jnp.exp(log_p)  # p, computed once per chunk for all layers
+            neg_entropy = (weight_c * (target_c * log_p).sum(-1)).sum()
         else:
             neg_entropy = 0.0
 
         def one_layer(_, layer_xs):
-            kernel_dd, bias_d, h_cd = layer_xs
-            moved = h_cd.astype(jnp.float32)
-            moved = moved + moved @ kernel_dd
-            if bias_d is not None:
-                moved = moved + bias_d
-            x_cd = decoder.final_norm(moved)
+            x_cd = decoder.final_norm(_translate(*layer_xs))
             cross = _soft_cross_entropy(
                 loss, x_cd, decoder.unembed_vd, decoder.unembed_bias_v, target_c, weight_c
             )
@@ -177,3 +183,74 @@ def reference_layer_losses(lens, h_lbtd, h_final_btd, input_ids_bt, *, loss="kl"
         labels = input_ids_bt[:, shift:]
         per_token = -jnp.take_along_axis(log_q, labels[None, ..., None], axis=-1)[..., 0]
     return per_token.mean(axis=(1, 2))
+
+
+def layer_metrics(
+    lens: TunedLens,
+    h_lbtd: jax.Array,
+    h_final_btd: jax.Array,
+    input_ids_bt: jax.Array,
+    *,
+    chunk_tokens: int = 2048,
+) -> dict[str, jax.Array]:
+    """Evaluation metrics of every layer from one pass over its logits (no gradients).
+
+    Args: as `layer_losses`.
+    Returns:
+      `{"kl": [L], "ce": [L], "entropy": [L], "baseline_ce": [], "baseline_entropy": []}` in nats,
+      averaged over tokens: kl is KL(model output || lens) at every position, ce the next-token
+      cross-entropy (all positions but the last), entropy the lens distribution's; the baseline
+      entries are the model's own cross-entropy and entropy.
+    """
+    num_layers, batch, tokens, d = h_lbtd.shape
+    n = batch * tokens
+    chunk = min(chunk_tokens, n)
+    next_bt = jnp.concatenate([input_ids_bt[:, 1:], input_ids_bt[:, :1]], axis=1)
+    has_next_bt = jnp.broadcast_to(jnp.arange(tokens) < tokens - 1, (batch, tokens))
+    chunks = (
+        jax.vmap(lambda h_nd: _pad_to_chunks(h_nd, chunk), out_axes=1)(
+            h_lbtd.reshape(num_layers, n, d)
+        ),
+        _pad_to_chunks(h_final_btd.reshape(n, d), chunk),
+        _pad_to_chunks(next_bt.reshape(n), chunk),
+        _pad_to_chunks(jnp.ones(n, jnp.float32), chunk),
+        _pad_to_chunks(has_next_bt.reshape(n).astype(jnp.float32), chunk),
+    )
+    decoder, translators = lens.decoder, lens.translators
+
+    def stats(z, labels):
+        lse = jax.nn.logsumexp(z, axis=-1)
+        q = jnp.exp(z - lse[:, None])
+        ce = lse - jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
+        return lse, q, ce, lse - (q * z).sum(-1)
+
+    def one_chunk(totals, xs):
+        h_lcd, final_cd, labels_c, weight_c, next_weight_c = xs
+        z_final = decoder.unembed(final_cd.astype(jnp.float32))
+        lse_p, p, base_ce, base_entropy = stats(z_final, labels_c)
+        neg_entropy_c = -base_entropy
+
+        def one_layer(_, layer_xs):
+            z = decoder(_translate(*layer_xs))
+            lse, _, ce, entropy = stats(z, labels_c)
+            kl = neg_entropy_c + lse - (p * z).sum(-1)
+            return None, jnp.stack(
+                [(kl * weight_c).sum(), (ce * next_weight_c).sum(), (entropy * weight_c).sum()]
+            )
+
+        _, sums_l3 = jax.lax.scan(
+            one_layer, None, (translators.kernel_ldd, translators.bias_ld, h_lcd)
+        )
+        base = jnp.stack([(base_ce * next_weight_c).sum(), (base_entropy * weight_c).sum()])
+        return jax.tree.map(jnp.add, totals, (sums_l3, base)), None
+
+    zeros = (jnp.zeros((num_layers, 3), jnp.float32), jnp.zeros(2, jnp.float32))
+    (sums_l3, base), _ = jax.lax.scan(one_chunk, zeros, chunks)
+    with_next = batch * (tokens - 1)
+    return {
+        "kl": sums_l3[:, 0] / n,
+        "ce": sums_l3[:, 1] / with_next,
+        "entropy": sums_l3[:, 2] / n,
+        "baseline_ce": base[0] / with_next,
+        "baseline_entropy": base[1] / n,
+    }

@@ -4,7 +4,7 @@ Only parses flags; the job is `train_lib.train_and_evaluate`, which notebooks an
 Any config field can be overridden on the command line, e.g. `--config.num_steps=100`.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxlens import train_lib
@@ -17,6 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     result = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print("\nHeld-out evaluation, logit lens vs tuned lens:\n")
     print(format_table(result))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,6 +33,20 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 class NonFiniteLossError(FloatingPointError):
     """A training loss became NaN or infinite."""
+
+
+def start_distributed(config) -> None:
+    """`jax.distributed.initialize`, with explicit coordinates where the config gives them."""
+    kwargs = {}
+    if config.coordinator_address:
+        kwargs["coordinator_address"] = config.coordinator_address
+    if config.num_processes > 0:
+        kwargs["num_processes"] = config.num_processes
+    if config.process_id >= 0:
+        kwargs["process_id"] = config.process_id
+    # Cross-process collectives on CPU hosts (tests, CPU clusters); accelerators ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(data: int, model: int) -> jax.sharding.Mesh:
@@ -177,19 +191,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if config.distributed:
-        jax.distributed.initialize()
+        start_distributed(config)
     mesh = make_mesh(config.mesh.data, config.mesh.model)
     batch_size = sequences_per_step(config, mesh)
 
     model = load_subject(config)
     check_config(config, model)
-    logging.info("Subject model: %s", model)
+    _say(f"Subject model: {model}")
 
     texts = data_lib.load_texts(
         config.data.source,
         text_field=config.data.text_field,
         split=config.data.split,
         max_documents=config.data.max_documents or None,
+        hub_config=config.data.hub_config or None,
     )
     corpus = data_lib.tokenize_corpus(texts, model.tokenizer, config.data.seq_len)
     train_data, heldout = data_lib.split_heldout(
@@ -240,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             stream = data_lib.ChunkStream.from_state(
                 train_data.chunks, extra["data"], seed=config.seed
             )
-            logging.info("Resumed from step %d (data position %d).", start, stream.position)
+            _say(f"Resumed from step {start} (data position {stream.position}).")
         else:
             state = jax.jit(init, out_shardings=state_shardings)()
             start = 0
@@ -268,7 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     result = evaluate_lib.evaluate(
         model,
-        jax.device_get(state.translators),
+        # Gathered to every host (the bank may be sharded over hosts), then evaluated locally.
+        multihost_utils.process_allgather(state.translators, tiled=True),
         heldout.chunks,
         nats_to_bpb=heldout.nats_to_bpb,
         batch_size=config.eval_batch_size,
@@ -334,6 +350,11 @@ def _train_loop(
                 )
         checkpointer.save(done, state, {"data": stream.state()}, force=last)
     return state
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def _duration(seconds: float) -> str:

@@ -208,3 +208,41 @@ def test_a_non_finite_loss_stops_the_run_naming_step_and_layers(tiny_lm, text_di
     config = _config(tiny_lm, text_dir, lr_scale=1e30, clip_norm=0.0)
     with pytest.raises(train_lib.NonFiniteLossError, match=r"at step \d+ in layers \[0"):
         train_lib.train_and_evaluate(config, tmp_path)
+
+
+def test_two_processes_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
+    """Two localhost processes with 4 simulated devices each, via jax.distributed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    batch = ["--config.tokens_per_step=256", "--config.num_steps=4"]
+    two = tmp_path / "two"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    processes = [
+        subprocess.Popen(
+            _train_command(
+                tiny_lm,
+                text_dir,
+                two,
+                *batch,
+                "--config.distributed=True",
+                f"--config.coordinator_address=127.0.0.1:{port}",
+                "--config.num_processes=2",
+                f"--config.process_id={i}",
+            ),
+            cwd=REPO,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    assert [p.wait(timeout=600) for p in processes] == [0, 0]
+    one = tmp_path / "one"
+    config = _config(tiny_lm, text_dir, tokens_per_step=256, num_steps=4)
+    train_lib.train_and_evaluate(config, one)
+    model = load_model(tiny_lm)
+    a = train_lib.restore_translators(config, model, one)
+    b = train_lib.restore_translators(config, model, two)
+    np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-5)
+    np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-5)

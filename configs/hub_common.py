@@ -1,0 +1,23 @@
+"""Shared settings of the hub configs: web text streamed from the hub, accelerator-sized steps.
+
+Not a run config itself; `gpt2.py`, `llama.py`, `mistral.py` and `gemma.py` build on it.
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    # FineWeb's 10B-token sample, streamed; 250 steps x 2^18 tokens need ~66M tokens of text.
+    c.data.source = "HuggingFaceFW/fineweb"
+    c.data.hub_config = "sample-10BT"
+    c.data.max_documents = 120_000
+    c.data.heldout_sequences = 64
+    c.model.dtype = "bfloat16"  # model and unembedding in bfloat16, translators float32
+    c.micro_batches = 8  # 2^18 tokens per step in 8 accumulated micro-batches
+    c.chunk_tokens = 4096
+    c.eval_batch_size = 8
+    # Mesh presets. One GPU or one TPU host: the defaults (all devices on "data").
+    # TPU VM slice (same command on every worker): add --config.distributed=True.
+    # A model too wide for one chip's bank: --config.mesh.model=2 (or more).
+    return c
