@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis (-1 = all that remain)
     c.mesh.model = 1  # devices on the model axis (shards the translator bank's output dim)
+    c.mesh.shard_model_params = False  # also split the frozen model's weights over "model"
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU VM / GPU cluster)
     # Only where the cluster is not detected (TPU VMs and SLURM are):
     c.coordinator_address = ""  # host:port of process 0

@@ -98,3 +98,17 @@ def make_optimizer(
         labels = Translators(kernel_ldd="frozen", bias_ld="train")
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
+
+
+def optimizer_from_config(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`make_optimizer` with the fields of a training config (see configs/base.py)."""
+    return make_optimizer(
+        num_steps=config.num_steps,
+        optimizer=config.optimizer,
+        lr_scale=config.lr_scale,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+        warmup_steps=None if config.warmup_steps < 0 else config.warmup_steps,
+        bias_only=config.bias_only,
+    )

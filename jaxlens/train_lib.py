@@ -22,10 +22,11 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlens import data as data_lib
 from jaxlens import evaluate as evaluate_lib
+from jaxlens import lens_io
 from jaxlens.checkpointing import Checkpointer
 from jaxlens.lens import Translators
 from jaxlens.models import SubjectModel, load_embedded_default, load_model
-from jaxlens.optim import make_optimizer
+from jaxlens.optim import optimizer_from_config
 from jaxlens.step import TrainState, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -107,10 +108,6 @@ def check_config(config, model: SubjectModel) -> None:
         raise ValueError(f"--config.loss must be 'kl' or 'ce'; got {config.loss!r}.")
     if config.bias_only and not config.bias:
         raise ValueError("--config.bias_only=True needs --config.bias=True.")
-    if config.init_lens:
-        raise NotImplementedError(
-            "--config.init_lens (warm start) is not implemented yet; it lands with lens import."
-        )
     if config.num_steps < 1:
         raise ValueError("--config.num_steps must be at least 1.")
 
@@ -119,6 +116,8 @@ def run_metadata(config, model: SubjectModel) -> dict:
     """What an existing checkpoint must agree with to be resumed."""
     return {
         "model": model.name_or_path,
+        "revision": model.revision,
+        "unembed_hash": lens_io.model_unembed_hash(model),
         "num_layers": model.num_layers,
         "d_model": model.d_model,
         "vocab_size": model.vocab_size,
@@ -130,6 +129,23 @@ def run_metadata(config, model: SubjectModel) -> dict:
         "tokens_per_step": config.tokens_per_step,
         "num_steps": config.num_steps,
     }
+
+
+def model_param_shardings(params, mesh, shard: bool):
+    """Replicated frozen weights, or (shard=True) each split over "model" along its last axis
+    that divides evenly, for models too large for one chip; XLA inserts the collectives."""
+    size = mesh.shape["model"]
+
+    def spec(leaf):
+        if shard and size > 1:
+            for axis in reversed(range(leaf.ndim)):
+                if leaf.ndim >= 2 and leaf.shape[axis] % size == 0:
+                    names = [None] * leaf.ndim
+                    names[axis] = "model"
+                    return NamedSharding(mesh, P(*names))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(spec, params)
 
 
 def _bank_shardings(mesh, translators_or_state):
@@ -144,42 +160,20 @@ def _bank_shardings(mesh, translators_or_state):
     return jax.tree.map(spec, translators_or_state)
 
 
-def _optimizer(config):
-    return make_optimizer(
-        num_steps=config.num_steps,
-        optimizer=config.optimizer,
-        lr_scale=config.lr_scale,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        clip_norm=config.clip_norm,
-        warmup_steps=None if config.warmup_steps < 0 else config.warmup_steps,
-        bias_only=config.bias_only,
-    )
-
-
-def _initial_state(config, model: SubjectModel, optimizer):
-    return TrainState.create(
-        Translators.zeros(model.num_layers, model.d_model, bias=config.bias), optimizer
-    )
-
-
-def restore_translators(config, model: SubjectModel, workdir, step: int | None = None):
-    """The translators of a run's checkpoint (latest, or `step`), on the default device."""
-    optimizer, _ = _optimizer(config)
-    # Restore onto this process's first device, whatever mesh the run was saved from.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        jax.eval_shape(lambda: _initial_state(config, model, optimizer)),
-    )
-    with Checkpointer(
-        pathlib.Path(workdir) / "checkpoints",
-        save_every=1,
-        keep=10**9,
-        metadata=run_metadata(config, model),
-    ) as checkpointer:
-        state, _, _ = checkpointer.restore(abstract, step)
-    return state.translators
+def initial_translators(config, model: SubjectModel) -> Translators:
+    """Zero translators (= the logit lens), or a warm start from `config.init_lens`."""
+    if not config.init_lens:
+        return Translators.zeros(model.num_layers, model.d_model, bias=config.bias)
+    bank = lens_io.load_translators(config.init_lens, model)
+    if bank.bias_ld is None and config.bias:
+        bank = Translators(bank.kernel_ldd, jnp.zeros((model.num_layers, model.d_model)))
+    if bank.bias_ld is not None and not config.bias:
+        raise ValueError(
+            f"--config.init_lens={config.init_lens} has biases but --config.bias=False; "
+            "set --config.bias=True to keep them."
+        )
+    _say(f"Warm start from {config.init_lens}.")
+    return bank
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -213,12 +207,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     stream = data_lib.ChunkStream(train_data.chunks, seed=config.seed)
     stream.check_enough(config.num_steps, batch_size, allow_repeat=config.data.allow_repeat)
 
-    optimizer, schedule = _optimizer(config)
+    optimizer, schedule = optimizer_from_config(config)
     replicated = NamedSharding(mesh, P())
-    model_params = jax.device_put(model.params, replicated)
+    param_shardings = model_param_shardings(model.params, mesh, config.mesh.shard_model_params)
+    model_params = jax.device_put(model.params, param_shardings)
+
+    start_bank = initial_translators(config, model)
 
     def init():
-        return _initial_state(config, model, optimizer)
+        return TrainState.create(start_bank, optimizer)
 
     abstract_state = jax.eval_shape(init)
     state_shardings = _bank_shardings(mesh, abstract_state)
@@ -234,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             chunk_tokens=config.chunk_tokens,
             micro_batches=config.micro_batches,
         ),
-        in_shardings=(state_shardings, replicated, batch_sharding),
+        in_shardings=(state_shardings, param_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnames=("state",),
     )
@@ -245,6 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         keep=config.keep_checkpoints,
         metadata=run_metadata(config, model),
     ) as checkpointer:
+        # Written once the checkpoints are known to fit this run: what export reads them with.
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(config.to_json(indent=1))
         if checkpointer.latest_step() is not None:
             abstract = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -9,8 +9,11 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+import tiny_models
+import transformers
 
 from jaxlens import assets
+from jaxlens.models.gguf import load_gguf_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +26,37 @@ def smollm2_path() -> pathlib.Path:
 def shakespeare_passage() -> str:
     """The start of Hamlet's "To be, or not to be" soliloquy, as the corpus holds it."""
     return assets.shakespeare_passage()
+
+
+def save_tiny_lm(directory, family, tokenizer, **overrides):
+    config = tiny_models.configs()[family]
+    config.vocab_size = len(tokenizer)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_gguf_tokenizer(assets.smollm2_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, tokenizer):
+    """A tiny random Llama with SmolLM2's tokenizer (so it can read real text)."""
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_llama"), "llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory):
+    """Three plays as .txt files: about 100k tokens, enough for hundreds of tiny steps."""
+    directory = tmp_path_factory.mktemp("text")
+    for i, text in enumerate(assets.shakespeare_texts()[:3]):
+        (directory / f"{i}.txt").write_text(text)
+    return directory

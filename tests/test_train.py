@@ -11,50 +11,13 @@ import time
 
 import numpy as np
 import pytest
-import tiny_models
-import transformers
+from conftest import save_tiny_lm
 
 from configs import tiny
-from jaxlens import assets, train_lib
+from jaxlens import lens_io, train_lib
 from jaxlens.checkpointing import IncompatibleCheckpointError
-from jaxlens.models import load_model
-from jaxlens.models.gguf import load_gguf_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _save_tiny_lm(directory, family, tokenizer, **overrides):
-    config = tiny_models.configs()[family]
-    config.vocab_size = len(tokenizer)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    import torch
-
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_gguf_tokenizer(assets.smollm2_gguf_path())
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory, tokenizer):
-    """A tiny random Llama with SmolLM2's tokenizer (so it can read real text)."""
-    return _save_tiny_lm(tmp_path_factory.mktemp("tiny_llama"), "llama", tokenizer)
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    """Three plays as .txt files: about 100k tokens, enough for hundreds of tiny steps."""
-    directory = tmp_path_factory.mktemp("text")
-    for i, text in enumerate(assets.shakespeare_texts()[:3]):
-        (directory / f"{i}.txt").write_text(text)
-    return directory
 
 
 def _config(model_dir, text_dir, **overrides):
@@ -121,10 +84,8 @@ def test_a_killed_run_resumes_to_the_same_lens_and_data_order(tiny_lm, text_dir,
     whole = tmp_path / "whole"
     subprocess.run(_train_command(tiny_lm, text_dir, whole, *steps), cwd=REPO, check=True)
 
-    config = _config(tiny_lm, text_dir, num_steps=60, checkpoint_every=4)
-    model = load_model(tiny_lm)
-    a = train_lib.restore_translators(config, model, killed)
-    b = train_lib.restore_translators(config, model, whole)
+    a = lens_io.restore_translators(killed)
+    b = lens_io.restore_translators(whole)
     np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-6)
     np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-6)
     # Same data order: every step's loss after the resume equals the uninterrupted run's.
@@ -143,15 +104,20 @@ def test_eight_devices_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
     eight = tmp_path / "eight"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     subprocess.run(
-        _train_command(tiny_lm, text_dir, eight, "--config.mesh.data=4", "--config.mesh.model=2"),
+        _train_command(
+            tiny_lm,
+            text_dir,
+            eight,
+            "--config.mesh.data=4",
+            "--config.mesh.model=2",
+            "--config.mesh.shard_model_params=True",
+        ),
         cwd=REPO,
         env=env,
         check=True,
     )
-    config = _config(tiny_lm, text_dir)
-    model = load_model(tiny_lm)
-    a = train_lib.restore_translators(config, model, one)
-    b = train_lib.restore_translators(config, model, eight)
+    a = lens_io.restore_translators(one)
+    b = lens_io.restore_translators(eight)
     np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-5)
     np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-5)
 
@@ -198,7 +164,7 @@ def test_an_incompatible_checkpoint_stops_the_run_and_is_kept(
 ):
     train_lib.train_and_evaluate(_config(tiny_lm, text_dir, num_steps=2), tmp_path / "run")
     before = _tree_digest(tmp_path / "run")
-    wider = _save_tiny_lm(tmp_path / "wider", "llama", tokenizer, hidden_size=48, head_dim=12)
+    wider = save_tiny_lm(tmp_path / "wider", "llama", tokenizer, hidden_size=48, head_dim=12)
     with pytest.raises(IncompatibleCheckpointError, match="d_model"):
         train_lib.train_and_evaluate(_config(wider, text_dir, num_steps=2), tmp_path / "run")
     assert _tree_digest(tmp_path / "run") == before
@@ -241,8 +207,7 @@ def test_two_processes_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
     one = tmp_path / "one"
     config = _config(tiny_lm, text_dir, tokens_per_step=256, num_steps=4)
     train_lib.train_and_evaluate(config, one)
-    model = load_model(tiny_lm)
-    a = train_lib.restore_translators(config, model, one)
-    b = train_lib.restore_translators(config, model, two)
+    a = lens_io.restore_translators(one)
+    b = lens_io.restore_translators(two)
     np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-5)
     np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-5)

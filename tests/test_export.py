@@ -1,0 +1,259 @@
+"""Lens files across the two worlds: jaxlens exports checked inside tuned-lens itself."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from tuned_lens import TunedLens as TorchTunedLens
+
+from jaxlens import lens_io, train_lib
+from jaxlens.checkpointing import CheckpointReadError
+from jaxlens.lens import Translators, TunedLens
+from jaxlens.models import load_model
+from jaxlens.optim import make_optimizer
+from jaxlens.step import TrainState, make_train_step
+
+FAMILIES = ["gpt2", "gpt_neo", "gptj", "opt", "bloom", "llama"]
+
+
+def _trained(model, steps=3, seed=0):
+    """A lens trained a few steps on random tokens (non-zero kernels and biases)."""
+    ids = np.random.default_rng(seed).integers(0, model.vocab_size, size=(4, 12))
+    optimizer, schedule = make_optimizer(num_steps=steps, lr_scale=5.0)
+    step = jax.jit(make_train_step(model, optimizer, schedule))
+    state = TrainState.create(Translators.zeros(model.num_layers, model.d_model), optimizer)
+    for _ in range(steps):
+        state, _ = step(state, model.params, ids)
+    return state.translators
+
+
+def _torch_logits(torch_model, torch_lens, ids):
+    with torch.no_grad():
+        out = torch_model(torch.tensor(ids), output_hidden_states=True)
+        return np.stack(
+            [torch_lens(h, idx=i).numpy() for i, h in enumerate(out.hidden_states[:-1])]
+        )
+
+
+def _jax_logits(model, translators, ids):
+    lens = TunedLens(decoder=model.decoder(), translators=translators)
+    return np.asarray(lens.all_logits(model(ids).hidden_lbtd[:-1]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exported_lens_loads_in_tuned_lens_with_equal_logits(family, tmp_path):
+    torch_model = tiny_models.build(family, seed=5)
+    model = load_model(tiny_models.save(torch_model, tmp_path / "model"))
+    translators = _trained(model)
+    assert float(jnp.abs(translators.kernel_ldd).max()) > 0
+    lens_dir = lens_io.save_lens(tmp_path / "lens", translators, model)
+
+    torch_lens = TorchTunedLens.from_model_and_pretrained(torch_model, lens_dir)
+    ids = np.random.default_rng(1).integers(0, model.vocab_size, size=(2, 9))
+    np.testing.assert_allclose(
+        _jax_logits(model, translators, ids),
+        _torch_logits(torch_model, torch_lens, ids),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    written = json.loads((lens_dir / "config.json").read_text())
+    assert written["unembed_hash"] == TorchTunedLens.from_model(torch_model).config.unembed_hash
+
+
+def test_a_tuned_lens_lens_imports_with_equal_logits_and_reexports_bit_for_bit(tmp_path):
+    torch_model = tiny_models.build("gpt2", seed=6)
+    model = load_model(tiny_models.save(torch_model, tmp_path / "model"))
+    torch_lens = TorchTunedLens.from_model(torch_model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for translator in torch_lens:
+            translator.weight.normal_(0, 0.1)
+            translator.bias.normal_(0, 0.1)
+    torch_lens.save(tmp_path / "theirs")
+
+    lens = lens_io.load_lens(tmp_path / "theirs", model)
+    ids = np.random.default_rng(2).integers(0, model.vocab_size, size=(2, 7))
+    np.testing.assert_allclose(
+        _jax_logits(model, lens.translators, ids),
+        _torch_logits(torch_model, torch_lens, ids),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    lens_io.save_lens(tmp_path / "ours", lens.translators, model)
+    theirs = torch.load(tmp_path / "theirs" / "params.pt")
+    ours = torch.load(tmp_path / "ours" / "params.pt")
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_16_bit_exports_load_in_tuned_lens(tmp_path, dtype, tol):
+    torch_model = tiny_models.build("llama", seed=7)
+    model = load_model(tiny_models.save(torch_model, tmp_path / "model"))
+    translators = _trained(model)
+    lens_dir = lens_io.save_lens(tmp_path / "lens", translators, model, dtype=dtype)
+    stored = torch.load(lens_dir / "params.pt")
+    assert stored["0.weight"].dtype == getattr(torch, dtype)
+    torch_lens = TorchTunedLens.from_model_and_pretrained(torch_model, lens_dir).float()
+    ids = np.random.default_rng(3).integers(0, model.vocab_size, size=(2, 9))
+    want = _jax_logits(model, translators, ids)
+    got = _torch_logits(torch_model, torch_lens, ids)
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+# A real workdir and the command line ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_lm, text_dir, tmp_path_factory):
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    config.num_steps = 4
+    directory = tmp_path_factory.mktemp("run")
+    train_lib.train_and_evaluate(config, directory)
+    return directory
+
+
+def _export(workdir, out, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlens.export", f"--workdir={workdir}", f"--out={out}", *extra],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_export_command_writes_what_tuned_lens_loads(workdir, tiny_lm, tmp_path):
+    result = _export(workdir, tmp_path / "lens")
+    assert result.returncode == 0, result.stderr
+    import transformers
+
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    torch_lens = TorchTunedLens.from_model_and_pretrained(torch_model, tmp_path / "lens")
+    model = load_model(tiny_lm)
+    translators = lens_io.restore_translators(workdir)
+    ids = np.random.default_rng(4).integers(0, model.vocab_size, size=(1, 8))
+    np.testing.assert_allclose(
+        _jax_logits(model, translators, ids),
+        _torch_logits(torch_model, torch_lens, ids),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    config = json.loads((tmp_path / "lens" / "config.json").read_text())
+    assert list(config) == [
+        "base_model_name_or_path",
+        "d_model",
+        "num_hidden_layers",
+        "bias",
+        "base_model_revision",
+        "unembed_hash",
+        "lens_type",
+    ]
+    assert config["unembed_hash"] == TorchTunedLens.from_model(torch_model).config.unembed_hash
+
+
+def test_export_of_a_step_that_does_not_exist(workdir, tmp_path):
+    with pytest.raises(CheckpointReadError, match="7"):
+        lens_io.export_checkpoint(workdir, tmp_path / "lens", step=7)
+    assert not (tmp_path / "lens").exists()
+
+
+def test_export_over_an_existing_lens_needs_overwrite(workdir, tmp_path):
+    out = tmp_path / "lens"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    result = _export(workdir, out)
+    assert result.returncode != 0 and "--overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "user data"
+    assert _export(workdir, out, "--overwrite").returncode == 0
+    assert (out / "params.pt").is_file() and not (out / "keep.txt").exists()
+
+
+def test_warm_start_from_an_exported_lens(workdir, tiny_lm, text_dir, tmp_path):
+    from configs import tiny
+
+    lens_io.export_checkpoint(workdir, tmp_path / "lens")
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    config.num_steps = 2
+    config.lr_scale = 0.0  # no movement: the run must end where it started
+    config.init_lens = str(tmp_path / "lens")
+    train_lib.train_and_evaluate(config, tmp_path / "warm")
+    start = lens_io.restore_translators(workdir)
+    end = lens_io.restore_translators(tmp_path / "warm")
+    np.testing.assert_array_equal(end.kernel_ldd, start.kernel_ldd)
+    np.testing.assert_array_equal(end.bias_ld, start.bias_ld)
+
+
+# Bad input ---------------------------------------------------------------------------------
+
+
+def test_a_lens_for_another_model_is_refused_naming_both_shapes(tmp_path):
+    gpt2 = load_model(tiny_models.save(tiny_models.build("gpt2"), tmp_path / "gpt2"))
+    lens_io.save_lens(tmp_path / "lens", Translators.zeros(3, 32), gpt2)
+    wider = tiny_models.configs()["gpt2"]
+    wider.n_embd = 48
+    import transformers
+
+    other = transformers.GPT2LMHeadModel(wider)
+    other_model = load_model(tiny_models.save(other, tmp_path / "wider"))
+    with pytest.raises(ValueError, match=r"kernel \[3, 32, 32\].*kernel \[3, 48, 48\]"):
+        lens_io.load_lens(tmp_path / "lens", other_model)
+
+
+def test_an_unembed_hash_mismatch_warns_but_loads(tmp_path):
+    first = load_model(tiny_models.save(tiny_models.build("gpt2", seed=1), tmp_path / "a"))
+    second = load_model(tiny_models.save(tiny_models.build("gpt2", seed=2), tmp_path / "b"))
+    lens_io.save_lens(tmp_path / "lens", Translators.zeros(3, 32), first)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lens = lens_io.load_lens(tmp_path / "lens", second)
+    assert any("unembed_hash differs" in str(w.message) for w in caught)
+    assert lens.num_layers == 3
+
+
+def test_a_missing_lens_directory(tmp_path):
+    model = load_model(tiny_models.save(tiny_models.build("gpt2"), tmp_path / "gpt2"))
+    with pytest.raises(FileNotFoundError):
+        lens_io.load_lens(tmp_path / "nowhere", model)
+
+
+# The real model ---------------------------------------------------------------------------
+
+
+def test_a_smollm2_lens_loads_in_tuned_lens_with_pytorch_smollm2(tmp_path):
+    import transformers
+
+    from jaxlens import assets
+    from jaxlens.models import load_embedded_default
+
+    model = load_embedded_default()
+    ids = model.tokenize(assets.shakespeare_passage())[:, :128]
+    optimizer, schedule = make_optimizer(num_steps=1)
+    state = TrainState.create(Translators.zeros(model.num_layers, model.d_model), optimizer)
+    state, _ = jax.jit(make_train_step(model, optimizer, schedule, chunk_tokens=128))(
+        state, model.params, ids
+    )
+    lens_dir = lens_io.save_lens(tmp_path / "lens", state.translators, model)
+
+    path = assets.smollm2_gguf_path()
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, torch_dtype=torch.float32
+    ).eval()
+    torch_lens = TorchTunedLens.from_model_and_pretrained(torch_model, lens_dir)
+    got = _jax_logits(model, state.translators, ids[:, :32])
+    want = _torch_logits(torch_model, torch_lens, ids[:, :32])
+    relative = np.abs(got - want).max() / np.abs(want).max()
+    assert relative < 1e-3, relative
