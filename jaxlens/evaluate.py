@@ -66,11 +66,14 @@ def evaluate(
         sequences_nt[i : i + batch_size]
         for i in range(0, len(sequences_nt) - batch_size + 1, batch_size)
     ]
-    sums = None
-    for ids in batches:
-        metrics = jax.device_get(step(translators, params, jnp.asarray(ids)))
-        sums = metrics if sums is None else jax.tree.map(np.add, sums, metrics)
-    means = jax.tree.map(lambda x: np.asarray(x, np.float64) / len(batches), sums)
+    per_batch = [
+        jax.tree.map(
+            lambda x: np.asarray(x, np.float64),
+            jax.device_get(step(translators, params, jnp.asarray(ids))),
+        )
+        for ids in batches
+    ]
+    means = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *per_batch)
     result = {"tokens": int(len(batches) * batch_size * sequences_nt.shape[1])}
     for name in ("logit", "tuned"):
         kl = means[f"{name}/kl"]
@@ -84,7 +87,33 @@ def evaluate(
         "ce_bpb": float(means["logit/baseline_ce"] * nats_to_bpb),
         "entropy_bpb": float(means["logit/baseline_entropy"] * nats_to_bpb),
     }
+    result["batches"] = [tuned_lens_format(m, nats_to_bpb) for m in per_batch]
     return result
+
+
+def tuned_lens_format(means: dict, nats_to_bpb: float) -> dict:
+    """Metrics nested as tuned-lens's `aggregate_metrics.json`, in bits per byte:
+    lens type -> metric -> `layer_i` (and `baseline` -> metric -> `final`)."""
+    out = {}
+    for name in ("logit", "tuned"):
+        out[name] = {
+            metric: {
+                f"layer_{i}": float(v * nats_to_bpb)
+                for i, v in enumerate(means[f"{name}/{metric}"])
+            }
+            for metric in ("ce", "entropy", "kl")
+        }
+    out["baseline"] = {
+        "ce": {"final": float(means["logit/baseline_ce"] * nats_to_bpb)},
+        "entropy": {"final": float(means["logit/baseline_entropy"] * nats_to_bpb)},
+    }
+    return out
+
+
+def aggregate(result: dict) -> dict:
+    """tuned-lens's `aggregate_metrics.json` of an `evaluate` result (mean over batches)."""
+    batches = result["batches"]
+    return jax.tree.map(lambda *xs: float(np.mean(xs)), *batches)
 
 
 def format_table(result: dict) -> str:
@@ -133,3 +162,86 @@ def plot_curves(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# Command line ------------------------------------------------------------------------------
+
+
+def evaluate_lens(config, lens_source: str, out_dir, *, tokens: int = 0) -> dict:
+    """Evaluates a lens on the held-out split of `config`'s data; writes tuned-lens-style files.
+
+    Args:
+      config: a training config (model, data, seq_len, held-out size, seed).
+      lens_source: a jaxlens workdir, a tuned-lens lens directory (or id), or "logit".
+      out_dir: where `aggregate_metrics.json`, `batches.jsonl`, `eval.json`, `eval.png` go.
+      tokens: evaluate on this many held-out tokens (0 = all of them).
+    """
+    import json
+    import pathlib
+
+    from jaxlens import data as data_lib
+    from jaxlens import lens_io, train_lib
+
+    model = train_lib.load_subject(config)
+    train_lib.check_config(config, model)
+    texts = data_lib.load_texts(
+        config.data.source,
+        text_field=config.data.text_field,
+        split=config.data.split,
+        max_documents=config.data.max_documents or None,
+        hub_config=config.data.hub_config or None,
+    )
+    corpus = data_lib.tokenize_corpus(texts, model.tokenizer, config.data.seq_len)
+    _, heldout = data_lib.split_heldout(
+        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
+    )
+    available = heldout.chunks.size
+    if tokens > available:
+        raise ValueError(
+            f"--tokens={tokens} exceeds the {available} held-out tokens "
+            f"({heldout.num_chunks} sequences of {config.data.seq_len}); lower --tokens or raise "
+            "--config.data.heldout_sequences."
+        )
+    sequences = heldout.chunks[: -(-tokens // config.data.seq_len)] if tokens else heldout.chunks
+    if lens_source == "logit":
+        translators = Translators.zeros(model.num_layers, model.d_model)
+    else:
+        translators = lens_io.load_translators(lens_source, model)
+    result = evaluate(
+        model,
+        translators,
+        sequences,
+        nats_to_bpb=heldout.nats_to_bpb,
+        batch_size=config.eval_batch_size,
+        chunk_tokens=config.chunk_tokens,
+    )
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "aggregate_metrics.json").write_text(json.dumps(aggregate(result)))
+    (out / "batches.jsonl").write_text("".join(json.dumps(b) + "\n" for b in result["batches"]))
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    plot_curves(result, out / "eval.png")
+    return result
+
+
+def run():
+    """`python -m jaxlens.evaluate --config=... --lens=... --out=...` (console: jaxlens-eval)."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config naming model and data.")
+    lens = flags.DEFINE_string("lens", None, "jaxlens workdir, tuned-lens lens dir, or 'logit'.")
+    out = flags.DEFINE_string("out", None, "Output directory.")
+    tokens = flags.DEFINE_integer("tokens", 0, "Held-out tokens to evaluate on (0 = all).")
+    flags.mark_flags_as_required(["config", "lens", "out"])
+
+    def main(argv):
+        del argv
+        result = evaluate_lens(config_flag.value, lens.value, out.value, tokens=tokens.value)
+        print(format_table(result))
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -50,3 +50,61 @@ def test_layer_metrics_equal_numpy_on_pytorch_logits(tmp_path, chunk):
     base_entropy = -(np.exp(log_p) * log_p).sum(-1).mean()
     np.testing.assert_allclose(got["baseline_ce"], base_ce, rtol=1e-5)
     np.testing.assert_allclose(got["baseline_entropy"], base_entropy, rtol=1e-5)
+
+
+def test_evaluate_command_writes_tuned_lens_metrics_equal_to_tuned_lens_own_logit_lens(
+    tokenizer, text_dir, tmp_path
+):
+    import json
+
+    import transformers
+    from conftest import save_tiny_lm
+    from tuned_lens.nn.lenses import LogitLens as TorchLogitLens
+
+    from configs import tiny
+    from jaxlens import data as data_lib
+    from jaxlens.evaluate import evaluate_lens
+
+    model_dir = save_tiny_lm(tmp_path / "gpt2", "gpt2", tokenizer)
+    config = tiny.get_config()
+    config.model.source = str(model_dir)
+    config.data.source = str(text_dir)
+    result = evaluate_lens(config, "logit", tmp_path / "out", tokens=128)
+    saved = json.loads((tmp_path / "out" / "aggregate_metrics.json").read_text())
+    assert set(saved) == {"logit", "tuned", "baseline"}
+    assert set(saved["logit"]) == {"ce", "entropy", "kl"}
+    assert list(saved["logit"]["kl"]) == ["layer_0", "layer_1", "layer_2"]
+    assert result["tokens"] == 128
+
+    # tuned-lens's own logit lens and metric formulas (its eval loop), on the same tokens.
+    corpus = data_lib.tokenize_corpus(
+        data_lib.load_texts(str(text_dir)), tokenizer, config.data.seq_len
+    )
+    _, heldout = data_lib.split_heldout(
+        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
+    )
+    ids = torch.tensor(heldout.chunks[:4].astype(np.int64))
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    lens = TorchLogitLens.from_model(torch_model)
+    with torch.no_grad():
+        out = torch_model(ids, output_hidden_states=True)
+        final_lps = out.logits.log_softmax(-1)
+        for i, h in enumerate(out.hidden_states[:-1]):
+            lps = lens(h, idx=i).log_softmax(-1)
+            ce = torch.nn.functional.cross_entropy(lps[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            entropy = (-lps.exp() * lps).sum(-1).mean()
+            kl = (final_lps.exp() * (final_lps - lps)).sum(-1).mean()
+            for name, value in (("ce", ce), ("entropy", entropy), ("kl", kl)):
+                want = value.item() * heldout.nats_to_bpb
+                assert saved["logit"][name][f"layer_{i}"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_a_token_budget_larger_than_the_data_is_refused(tiny_lm, text_dir, tmp_path):
+    from configs import tiny
+    from jaxlens.evaluate import evaluate_lens
+
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    with pytest.raises(ValueError, match=r"--tokens=100000 exceeds the 256 held-out tokens"):
+        evaluate_lens(config, "logit", tmp_path / "out", tokens=100_000)
