@@ -141,27 +141,10 @@ def format_table(result: dict) -> str:
 
 
 def plot_curves(result: dict, path) -> None:
-    """Saves per-layer KL and cross-entropy curves, logit vs tuned, as a PNG."""
-    import matplotlib
+    """Saves per-layer curves (KL, cross-entropy, entropy), logit vs tuned lens, as a PNG."""
+    from jaxlens import plotting
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in (
-        (axes[0], "kl_nats", "KL(model || lens) [nats]"),
-        (axes[1], "ce_bpb", "next-token cross-entropy [bits/byte]"),
-    ):
-        for name, style in (("logit", "o--"), ("tuned", "o-")):
-            ax.plot(result[name][key], style, label=f"{name} lens", markersize=3)
-        ax.set_xlabel("layer")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[1].axhline(result["baseline"]["ce_bpb"], color="gray", lw=1, label="model output")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.metric_curves_png(result, path)
 
 
 # Command line ------------------------------------------------------------------------------
