@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 50  # steps between Orbax checkpoints (the last step is always saved)
     c.keep_checkpoints = 3  # how many checkpoints to keep
     c.log_every = 10  # steps between metric fetches (metrics.jsonl, progress line, NaN check)
+    c.tensorboard = False  # also write TensorBoard scalars to workdir/tensorboard (tensorboardX)
 
     c.eval_batch_size = 4  # held-out sequences per evaluation batch
     return c

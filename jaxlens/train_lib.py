@@ -311,6 +311,7 @@ def _train_loop(
     workdir,
 ):
     metrics_file = workdir / "metrics.jsonl"
+    board = _tensorboard(workdir) if config.tensorboard and jax.process_index() == 0 else None
     tokens_per_step = batch_size * config.data.seq_len
     began, timed_from = time.perf_counter(), start
     for step in range(start, config.num_steps):
@@ -343,13 +344,36 @@ def _train_loop(
             if jax.process_index() == 0:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                if board is not None:
+                    _log_scalars(board, record)
                 print(
                     f"step {done}/{config.num_steps}  loss {record['loss_nats_mean']:.3f} nats "
                     f"(mean over layers)  {rate:,.0f} tok/s  ETA {_duration(eta)}",
                     flush=True,
                 )
         checkpointer.save(done, state, {"data": stream.state()}, force=last)
+    if board is not None:
+        board.close()
     return state
+
+
+def _tensorboard(workdir):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as error:
+        raise ImportError(
+            "--config.tensorboard=True needs tensorboardX: pip install tensorboardX"
+        ) from error
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _log_scalars(board, record: dict) -> None:
+    step = record["step"]
+    for i, value in enumerate(record["loss_bpb_l"]):
+        board.add_scalar(f"loss_bpb/layer_{i}", value, step)
+    for key in ("loss_nats_mean", "grad_norm", "learning_rate", "tokens_per_second"):
+        board.add_scalar(key, record[key], step)
+    board.flush()
 
 
 def _say(message: str) -> None:

@@ -211,3 +211,33 @@ def test_two_processes_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
     b = lens_io.restore_translators(two)
     np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-5)
     np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-5)
+
+
+def _tensorboard_scalars(directory):
+    """Reads scalar summaries from TFRecord event files (framing and protobuf by hand)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in directory.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(tiny_lm, text_dir, tmp_path):
+    config = _config(tiny_lm, text_dir, num_steps=3, tensorboard=True)
+    train_lib.train_and_evaluate(config, tmp_path)
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert scalars["grad_norm"][record["step"]] == pytest.approx(record["grad_norm"])
+        for i, value in enumerate(record["loss_bpb_l"]):
+            assert scalars[f"loss_bpb/layer_{i}"][record["step"]] == pytest.approx(value)
