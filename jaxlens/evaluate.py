@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.lens import Translators, TunedLens
-from jaxlens.losses import layer_metrics
+from jaxlens.losses import layer_metrics, transfer_metrics
 from jaxlens.models import SubjectModel
 
 
-def make_eval_step(model: SubjectModel, *, chunk_tokens: int = 2048):
+def make_eval_step(model: SubjectModel, *, chunk_tokens: int = 2048, layer_transfer=False):
     """`eval_step(translators, model_params, ids_bt)` -> per-layer metrics of both lenses."""
 
     def eval_step(translators, model_params, ids_bt):
@@ -31,6 +31,10 @@ def make_eval_step(model: SubjectModel, *, chunk_tokens: int = 2048):
                 lens, hidden[:-1], hidden[-1], ids_bt, chunk_tokens=chunk_tokens
             )
             metrics.update({f"{name}/{k}": v for k, v in per_layer.items()})
+        if layer_transfer:  # translator i on layer j, for the tuned lens (trivial for logit)
+            lens = TunedLens(decoder=decoder, translators=translators)
+            transfer = transfer_metrics(lens, hidden[:-1], ids_bt, chunk_tokens=chunk_tokens)
+            metrics.update({f"tuned/transfer_{k}": v for k, v in transfer.items()})
         return metrics
 
     return eval_step
@@ -45,6 +49,7 @@ def evaluate(
     batch_size: int = 4,
     chunk_tokens: int = 2048,
     model_params=None,
+    layer_transfer: bool = False,
 ) -> dict:
     """Per-layer metrics of the tuned lens and the logit lens on held-out sequences.
 
@@ -55,12 +60,14 @@ def evaluate(
       nats_to_bpb: the corpus's conversion factor (`TokenizedCorpus.nats_to_bpb`).
       batch_size: sequences per jitted evaluation batch (the last partial batch is dropped
         unless it is the only one).
+      layer_transfer: also apply every translator to every layer (L^2 unembeddings per token);
+        reported in the tuned-lens files under "tuned" -> "layer_transfer".
     Returns:
       `{"logit": {"kl_nats", "kl_bpb", "ce_bpb", "entropy_bpb": [L]}, "tuned": {...},
         "baseline": {"ce_bpb", "entropy_bpb": float}, "tokens": int}`.
     """
     params = model.params if model_params is None else model_params
-    step = jax.jit(make_eval_step(model, chunk_tokens=chunk_tokens))
+    step = jax.jit(make_eval_step(model, chunk_tokens=chunk_tokens, layer_transfer=layer_transfer))
     batch_size = min(batch_size, len(sequences_nt))
     batches = [
         sequences_nt[i : i + batch_size]
@@ -102,6 +109,14 @@ def tuned_lens_format(means: dict, nats_to_bpb: float) -> dict:
                 for i, v in enumerate(means[f"{name}/{metric}"])
             }
             for metric in ("ce", "entropy", "kl")
+        }
+    if "tuned/transfer_ce" in means:
+        out["tuned"]["layer_transfer"] = {
+            metric: {
+                f"layer_{i}": {f"layer_{j}": float(v * nats_to_bpb) for j, v in enumerate(row)}
+                for i, row in enumerate(means[f"tuned/transfer_{metric}"])
+            }
+            for metric in ("ce", "kl")
         }
     out["baseline"] = {
         "ce": {"final": float(means["logit/baseline_ce"] * nats_to_bpb)},
@@ -150,7 +165,9 @@ def plot_curves(result: dict, path) -> None:
 # Command line ------------------------------------------------------------------------------
 
 
-def evaluate_lens(config, lens_source: str, out_dir, *, tokens: int = 0) -> dict:
+def evaluate_lens(
+    config, lens_source: str, out_dir, *, tokens: int = 0, layer_transfer: bool = False
+) -> dict:
     """Evaluates a lens on the held-out split of `config`'s data; writes tuned-lens-style files.
 
     Args:
@@ -158,6 +175,7 @@ def evaluate_lens(config, lens_source: str, out_dir, *, tokens: int = 0) -> dict
       lens_source: a jaxlens workdir, a tuned-lens lens directory (or id), or "logit".
       out_dir: where `aggregate_metrics.json`, `batches.jsonl`, `eval.json`, `eval.png` go.
       tokens: evaluate on this many held-out tokens (0 = all of them).
+      layer_transfer: also write the translator-i-on-layer-j matrices.
     """
     import json
     import pathlib
@@ -197,6 +215,7 @@ def evaluate_lens(config, lens_source: str, out_dir, *, tokens: int = 0) -> dict
         nats_to_bpb=heldout.nats_to_bpb,
         batch_size=config.eval_batch_size,
         chunk_tokens=config.chunk_tokens,
+        layer_transfer=layer_transfer,
     )
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,11 +235,18 @@ def run():
     lens = flags.DEFINE_string("lens", None, "jaxlens workdir, tuned-lens lens dir, or 'logit'.")
     out = flags.DEFINE_string("out", None, "Output directory.")
     tokens = flags.DEFINE_integer("tokens", 0, "Held-out tokens to evaluate on (0 = all).")
+    transfer = flags.DEFINE_bool("layer_transfer", False, "Also translator i on layer j.")
     flags.mark_flags_as_required(["config", "lens", "out"])
 
     def main(argv):
         del argv
-        result = evaluate_lens(config_flag.value, lens.value, out.value, tokens=tokens.value)
+        result = evaluate_lens(
+            config_flag.value,
+            lens.value,
+            out.value,
+            tokens=tokens.value,
+            layer_transfer=transfer.value,
+        )
         print(format_table(result))
 
     app.run(main)

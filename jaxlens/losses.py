@@ -254,3 +254,60 @@ def layer_metrics(
         "baseline_ce": base[0] / with_next,
         "baseline_entropy": base[1] / n,
     }
+
+
+def transfer_metrics(
+    lens: TunedLens, h_lbtd: jax.Array, input_ids_bt: jax.Array, *, chunk_tokens: int = 2048
+) -> dict[str, jax.Array]:
+    """Layer transfer: translator i applied to layer j's hidden states, for every pair.
+
+    Shows how specific each translator is to its own layer (tuned-lens's `--layer_transfer`).
+    Costs L^2 unembeddings per token, against L for `layer_metrics`.
+
+    Returns:
+      `{"ce": [L_i, L_j], "kl": [L_i, L_j]}` in nats, averaged over tokens: ce the next-token
+      cross-entropy of translator i on layer j, kl = KL(q_jj || q_ij), from layer j's own lens
+      distribution to the transferred one (zero on the diagonal).
+    """
+    num_layers, batch, tokens, d = h_lbtd.shape
+    n = batch * tokens
+    chunk = min(chunk_tokens, n)
+    next_bt = jnp.concatenate([input_ids_bt[:, 1:], input_ids_bt[:, :1]], axis=1)
+    has_next_bt = jnp.broadcast_to(jnp.arange(tokens) < tokens - 1, (batch, tokens))
+    chunks = (
+        jax.vmap(lambda h_nd: _pad_to_chunks(h_nd, chunk), out_axes=1)(
+            h_lbtd.reshape(num_layers, n, d)
+        ),
+        _pad_to_chunks(next_bt.reshape(n), chunk),
+        _pad_to_chunks(jnp.ones(n, jnp.float32), chunk),
+        _pad_to_chunks(has_next_bt.reshape(n).astype(jnp.float32), chunk),
+    )
+    decoder, bank = lens.decoder, lens.translators
+
+    def one_chunk(totals, xs):
+        h_lcd, labels_c, weight_c, next_weight_c = xs
+
+        def one_layer(_, layer_xs):  # layer j: its own distribution, then every translator i
+            kernel_dd, bias_d, h_cd = layer_xs
+            own = jax.nn.log_softmax(decoder(_translate(kernel_dd, bias_d, h_cd)))
+            p = jnp.exp(own)
+            neg_entropy_c = (p * own).sum(-1)
+
+            def one_translator(_, translator_xs):
+                z = decoder(_translate(*translator_xs, h_cd))
+                lse = jax.nn.logsumexp(z, axis=-1)
+                ce = lse - jnp.take_along_axis(z, labels_c[:, None], axis=-1)[:, 0]
+                kl = neg_entropy_c + lse - (p * z).sum(-1)
+                return None, jnp.stack([(ce * next_weight_c).sum(), (kl * weight_c).sum()])
+
+            _, sums_i2 = jax.lax.scan(one_translator, None, (bank.kernel_ldd, bank.bias_ld))
+            return None, sums_i2
+
+        _, sums_ji2 = jax.lax.scan(one_layer, None, (bank.kernel_ldd, bank.bias_ld, h_lcd))
+        return totals + sums_ji2, None
+
+    sums_ji2, _ = jax.lax.scan(
+        one_chunk, jnp.zeros((num_layers, num_layers, 2), jnp.float32), chunks
+    )
+    sums_ij2 = sums_ji2.swapaxes(0, 1)
+    return {"ce": sums_ij2[..., 0] / (batch * (tokens - 1)), "kl": sums_ij2[..., 1] / n}

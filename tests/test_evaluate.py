@@ -108,3 +108,63 @@ def test_a_token_budget_larger_than_the_data_is_refused(tiny_lm, text_dir, tmp_p
     config.data.source = str(text_dir)
     with pytest.raises(ValueError, match=r"--tokens=100000 exceeds the 256 held-out tokens"):
         evaluate_lens(config, "logit", tmp_path / "out", tokens=100_000)
+
+
+def test_layer_transfer_equals_numpy_on_pytorch_logits(tmp_path):
+    from jaxlens.losses import transfer_metrics
+
+    torch_model = tiny_models.build("gpt2", seed=22)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    ids = np.random.default_rng(0).integers(0, model.vocab_size, size=(2, 6))
+    rng = np.random.default_rng(1)
+    num_layers, d = model.num_layers, model.d_model
+    translators = Translators(
+        kernel_ldd=jnp.asarray(rng.normal(size=(num_layers, d, d)) * 0.2, jnp.float32),
+        bias_ld=jnp.asarray(rng.normal(size=(num_layers, d)) * 0.2, jnp.float32),
+    )
+    hidden = model(ids).hidden_lbtd
+    lens = TunedLens(decoder=model.decoder(), translators=translators)
+    got = transfer_metrics(lens, hidden[:-1], jnp.asarray(ids), chunk_tokens=5)
+
+    head, norm = torch_model.get_output_embeddings(), tiny_models.final_norm_module(torch_model)
+    with torch.no_grad():
+        out = torch_model(torch.tensor(ids), output_hidden_states=True)
+
+        def log_q(i, j):
+            h = out.hidden_states[j]
+            moved = h + h @ torch.tensor(np.asarray(translators.kernel_ldd[i]))
+            moved = moved + torch.tensor(np.asarray(translators.bias_ld[i]))
+            return _log_softmax(head(norm(moved)).numpy().astype(np.float64))
+
+        for j in range(num_layers):
+            own = log_q(j, j)
+            for i in range(num_layers):
+                moved = log_q(i, j)
+                ce = -np.take_along_axis(moved[:, :-1], ids[:, 1:, None], -1).mean()
+                kl = (np.exp(own) * (own - moved)).sum(-1).mean()
+                np.testing.assert_allclose(got["ce"][i, j], ce, rtol=1e-5)
+                np.testing.assert_allclose(got["kl"][i, j], kl, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.diag(got["kl"]), 0.0, atol=1e-5)
+
+
+def test_layer_transfer_files_nest_as_tuned_lens_and_agree_with_the_layer_metrics(
+    tiny_lm, text_dir, tmp_path
+):
+    import json
+
+    from configs import tiny
+    from jaxlens.evaluate import evaluate_lens
+
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    # The logit lens: every translator is the identity, so translator i on layer j is layer j.
+    evaluate_lens(config, "logit", tmp_path, tokens=64, layer_transfer=True)
+    saved = json.loads((tmp_path / "aggregate_metrics.json").read_text())
+    transfer = saved["tuned"]["layer_transfer"]
+    layers = list(saved["logit"]["ce"])
+    assert list(transfer["ce"]) == layers and list(transfer["ce"]["layer_0"]) == layers
+    for i in layers:
+        for j in layers:
+            assert transfer["ce"][i][j] == pytest.approx(saved["logit"]["ce"][j], rel=1e-5)
+            assert transfer["kl"][i][j] == pytest.approx(0.0, abs=1e-5)
