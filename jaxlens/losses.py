@@ -185,6 +185,26 @@ def reference_layer_losses(lens, h_lbtd, h_final_btd, input_ids_bt, *, loss="kl"
     return per_token.mean(axis=(1, 2))
 
 
+def _evaluation_chunks(h_lbtd, input_ids_bt, chunk):
+    """Chunked `(h [k, L, c, d], next-token labels, weights, has-next weights)` for evaluation.
+
+    Every position is kept (KL and entropy use all of them); the next-token label of the last
+    position is a placeholder with weight 0 in the has-next weights.
+    """
+    num_layers, batch, tokens, d = h_lbtd.shape
+    n = batch * tokens
+    next_bt = jnp.concatenate([input_ids_bt[:, 1:], input_ids_bt[:, :1]], axis=1)
+    has_next_bt = jnp.broadcast_to(jnp.arange(tokens) < tokens - 1, (batch, tokens))
+    return (
+        jax.vmap(lambda h_nd: _pad_to_chunks(h_nd, chunk), out_axes=1)(
+            h_lbtd.reshape(num_layers, n, d)
+        ),
+        _pad_to_chunks(next_bt.reshape(n), chunk),
+        _pad_to_chunks(jnp.ones(n, jnp.float32), chunk),
+        _pad_to_chunks(has_next_bt.reshape(n).astype(jnp.float32), chunk),
+    )
+
+
 def layer_metrics(
     lens: TunedLens,
     h_lbtd: jax.Array,
@@ -205,17 +225,9 @@ def layer_metrics(
     num_layers, batch, tokens, d = h_lbtd.shape
     n = batch * tokens
     chunk = min(chunk_tokens, n)
-    next_bt = jnp.concatenate([input_ids_bt[:, 1:], input_ids_bt[:, :1]], axis=1)
-    has_next_bt = jnp.broadcast_to(jnp.arange(tokens) < tokens - 1, (batch, tokens))
-    chunks = (
-        jax.vmap(lambda h_nd: _pad_to_chunks(h_nd, chunk), out_axes=1)(
-            h_lbtd.reshape(num_layers, n, d)
-        ),
-        _pad_to_chunks(h_final_btd.reshape(n, d), chunk),
-        _pad_to_chunks(next_bt.reshape(n), chunk),
-        _pad_to_chunks(jnp.ones(n, jnp.float32), chunk),
-        _pad_to_chunks(has_next_bt.reshape(n).astype(jnp.float32), chunk),
-    )
+    h_chunks, labels, weights, next_weights = _evaluation_chunks(h_lbtd, input_ids_bt, chunk)
+    final = _pad_to_chunks(h_final_btd.reshape(n, d), chunk)
+    chunks = (h_chunks, final, labels, weights, next_weights)
     decoder, translators = lens.decoder, lens.translators
 
     def stats(z, labels):
@@ -271,17 +283,7 @@ def transfer_metrics(
     """
     num_layers, batch, tokens, d = h_lbtd.shape
     n = batch * tokens
-    chunk = min(chunk_tokens, n)
-    next_bt = jnp.concatenate([input_ids_bt[:, 1:], input_ids_bt[:, :1]], axis=1)
-    has_next_bt = jnp.broadcast_to(jnp.arange(tokens) < tokens - 1, (batch, tokens))
-    chunks = (
-        jax.vmap(lambda h_nd: _pad_to_chunks(h_nd, chunk), out_axes=1)(
-            h_lbtd.reshape(num_layers, n, d)
-        ),
-        _pad_to_chunks(next_bt.reshape(n), chunk),
-        _pad_to_chunks(jnp.ones(n, jnp.float32), chunk),
-        _pad_to_chunks(has_next_bt.reshape(n).astype(jnp.float32), chunk),
-    )
+    chunks = _evaluation_chunks(h_lbtd, input_ids_bt, min(chunk_tokens, n))
     decoder, bank = lens.decoder, lens.translators
 
     def one_chunk(totals, xs):
