@@ -6,7 +6,7 @@ import pytest
 import tiny_models
 import torch
 
-from jaxlens.lens import Translators, TunedLens
+from jaxlens.lens import TunedLens
 from jaxlens.losses import layer_metrics
 from jaxlens.models import load_model
 
@@ -21,12 +21,8 @@ def test_layer_metrics_equal_numpy_on_pytorch_logits(tmp_path, chunk):
     torch_model = tiny_models.build("gptj", seed=21)
     model = load_model(tiny_models.save(torch_model, tmp_path))
     ids = np.random.default_rng(0).integers(0, model.vocab_size, size=(3, 8))
-    rng = np.random.default_rng(1)
-    num_layers, d = model.num_layers, model.d_model
-    translators = Translators(
-        kernel_ldd=jnp.asarray(rng.normal(size=(num_layers, d, d)) * 0.1, jnp.float32),
-        bias_ld=jnp.asarray(rng.normal(size=(num_layers, d)) * 0.1, jnp.float32),
-    )
+    num_layers = model.num_layers
+    translators = tiny_models.random_translators(num_layers, model.d_model, seed=1, scale=0.1)
     hidden = model(ids).hidden_lbtd
     lens = TunedLens(decoder=model.decoder(), translators=translators)
     got = layer_metrics(lens, hidden[:-1], hidden[-1], jnp.asarray(ids), chunk_tokens=chunk)
@@ -116,12 +112,8 @@ def test_layer_transfer_equals_numpy_on_pytorch_logits(tmp_path):
     torch_model = tiny_models.build("gpt2", seed=22)
     model = load_model(tiny_models.save(torch_model, tmp_path))
     ids = np.random.default_rng(0).integers(0, model.vocab_size, size=(2, 6))
-    rng = np.random.default_rng(1)
-    num_layers, d = model.num_layers, model.d_model
-    translators = Translators(
-        kernel_ldd=jnp.asarray(rng.normal(size=(num_layers, d, d)) * 0.2, jnp.float32),
-        bias_ld=jnp.asarray(rng.normal(size=(num_layers, d)) * 0.2, jnp.float32),
-    )
+    num_layers = model.num_layers
+    translators = tiny_models.random_translators(num_layers, model.d_model, seed=1, scale=0.2)
     hidden = model(ids).hidden_lbtd
     lens = TunedLens(decoder=model.decoder(), translators=translators)
     got = transfer_metrics(lens, hidden[:-1], jnp.asarray(ids), chunk_tokens=5)

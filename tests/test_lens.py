@@ -7,7 +7,7 @@ import pytest
 import tiny_models
 import torch
 
-from jaxlens.lens import LogitLens, Translators, TunedLens
+from jaxlens.lens import LogitLens, TunedLens
 from jaxlens.models import load_model
 
 
@@ -18,14 +18,6 @@ def pair(request, tmp_path_factory):
     model = load_model(directory)
     ids = np.random.default_rng(0).integers(0, model.vocab_size, size=(2, 9))
     return torch_model, model, model(ids).hidden_lbtd[:-1]
-
-
-def _random_translators(num_layers, d, bias=True, seed=0):
-    rng = np.random.default_rng(seed)
-    return Translators(
-        kernel_ldd=jnp.asarray(rng.normal(size=(num_layers, d, d)) * 0.2, jnp.float32),
-        bias_ld=jnp.asarray(rng.normal(size=(num_layers, d)), jnp.float32) if bias else None,
-    )
 
 
 def test_untrained_tuned_lens_is_exactly_the_logit_lens(pair):
@@ -43,7 +35,9 @@ def test_untrained_tuned_lens_is_exactly_the_logit_lens(pair):
 @pytest.mark.parametrize("bias", [True, False])
 def test_tuned_lens_matches_hand_computation_in_pytorch(pair, bias):
     torch_model, model, h_lbtd = pair
-    translators = _random_translators(model.num_layers, model.d_model, bias)
+    translators = tiny_models.random_translators(
+        model.num_layers, model.d_model, bias_scale=1.0, bias=bias
+    )
     lens = TunedLens(decoder=model.decoder(), translators=translators)
     got = lens.all_logits(h_lbtd)
     norm = tiny_models.final_norm_module(torch_model)
@@ -62,7 +56,9 @@ def test_all_layers_call_equals_single_layer_calls(pair):
     _, model, h_lbtd = pair
     lens = TunedLens(
         decoder=model.decoder(),
-        translators=_random_translators(model.num_layers, model.d_model, seed=1),
+        translators=tiny_models.random_translators(
+            model.num_layers, model.d_model, seed=1, bias_scale=1.0
+        ),
     )
     all_at_once = lens.all_logits(h_lbtd)
     one_by_one = jax.jit(lens.layer_logits)  # also: a traced layer index works
@@ -84,7 +80,9 @@ def test_lens_is_a_pytree_and_jit_traces_once(pair):
     for seed in range(3):
         lens = TunedLens(
             decoder=model.decoder(),
-            translators=_random_translators(model.num_layers, model.d_model, seed=seed),
+            translators=tiny_models.random_translators(
+                model.num_layers, model.d_model, seed=seed, bias_scale=1.0
+            ),
         )
         decode(lens, h_lbtd)
     assert len(traces) == 1

@@ -9,7 +9,7 @@ import torch
 from tuned_lens import TunedLens as TorchTunedLens
 from tuned_lens.scripts.ingredients import Optimizer as TorchOptimizerRecipe
 
-from jaxlens.lens import Translators, TunedLens
+from jaxlens.lens import TunedLens
 from jaxlens.losses import layer_losses, reference_layer_losses
 from jaxlens.models import load_model
 from jaxlens.optim import make_optimizer
@@ -25,12 +25,7 @@ def gpt2(tmp_path_factory):
 
 
 def _translators(model, seed, scale=0.05):
-    rng = np.random.default_rng(seed)
-    num_layers, d = model.num_layers, model.d_model
-    return Translators(
-        kernel_ldd=jnp.asarray(rng.normal(size=(num_layers, d, d)) * scale, jnp.float32),
-        bias_ld=jnp.asarray(rng.normal(size=(num_layers, d)) * scale, jnp.float32),
-    )
+    return tiny_models.random_translators(model.num_layers, model.d_model, seed=seed, scale=scale)
 
 
 @pytest.mark.parametrize("loss,chunk", [("kl", 7), ("kl", 4096), ("ce", 5)])

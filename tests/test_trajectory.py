@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_models
@@ -21,19 +20,11 @@ from plotly.io.json import to_json_plotly
 from tuned_lens.stats.distance import js_divergence as reference_js
 
 from jaxlens import lens_io, plotting, trajectory
-from jaxlens.lens import LogitLens, Translators, TunedLens
+from jaxlens.lens import LogitLens, TunedLens
 from jaxlens.models import load_model
 from jaxlens.trajectory import PredictionTrajectory
 
 T = 9
-
-
-def _random_translators(num_layers, d, seed=0):
-    rng = np.random.default_rng(seed)
-    return Translators(
-        kernel_ldd=jnp.asarray(rng.normal(size=(num_layers, d, d)) * 0.2, jnp.float32),
-        bias_ld=jnp.asarray(rng.normal(size=(num_layers, d)), jnp.float32),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +32,7 @@ def tiny(tmp_path_factory):
     """A tiny GPT-2 (no tokenizer), a random tuned lens, and the reference log-probs from torch."""
     torch_model = tiny_models.build("gpt2", seed=3)
     model = load_model(tiny_models.save(torch_model, tmp_path_factory.mktemp("gpt2")))
-    translators = _random_translators(model.num_layers, model.d_model)
+    translators = tiny_models.random_translators(model.num_layers, model.d_model, bias_scale=1.0)
     lens = TunedLens(decoder=model.decoder(), translators=translators)
     ids = np.random.default_rng(0).integers(0, model.vocab_size, size=T)
     norm, head = tiny_models.final_norm_module(torch_model), torch_model.get_output_embeddings()
@@ -177,7 +168,10 @@ def test_bad_inputs_are_refused(tiny, tmp_path):
         PredictionTrajectory.from_lens(lens, model, np.stack([ids, ids]))
     with pytest.raises(ValueError, match=f"one id or {T} ids"):
         PredictionTrajectory.from_lens(lens, model, ids, targets=ids[:3])
-    short = TunedLens(decoder=model.decoder(), translators=_random_translators(2, model.d_model))
+    short = TunedLens(
+        decoder=model.decoder(),
+        translators=tiny_models.random_translators(2, model.d_model, bias_scale=1.0),
+    )
     with pytest.raises(ValueError, match="use a lens for this model"):
         PredictionTrajectory.from_lens(short, model, ids)
     lens_io.save_lens(tmp_path / "other", short.translators, model)  # a lens for 2 layers

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import torch
 import transformers
+
+from jaxlens.lens import Translators
 
 VOCAB = 97
 
@@ -95,3 +99,14 @@ def final_norm_module(model):
     if family == "opt":
         return model.model.decoder.final_layer_norm
     return model.model.norm
+
+
+def random_translators(num_layers, d, *, seed=0, scale=0.2, bias_scale=None, bias=True):
+    """A non-zero translator bank (kernel ~ N(0, scale), bias ~ N(0, bias_scale or scale))."""
+    rng = np.random.default_rng(seed)
+    kernel = rng.normal(size=(num_layers, d, d)) * scale
+    bias_ld = rng.normal(size=(num_layers, d)) * (scale if bias_scale is None else bias_scale)
+    return Translators(
+        kernel_ldd=jnp.asarray(kernel, jnp.float32),
+        bias_ld=jnp.asarray(bias_ld, jnp.float32) if bias else None,
+    )
