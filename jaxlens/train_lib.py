@@ -25,7 +25,7 @@ from jaxlens import evaluate as evaluate_lib
 from jaxlens import lens_io
 from jaxlens.checkpointing import Checkpointer
 from jaxlens.lens import Translators
-from jaxlens.models import SubjectModel, load_embedded_default, load_model
+from jaxlens.models import SubjectModel, load_model
 from jaxlens.optim import optimizer_from_config
 from jaxlens.step import TrainState, make_train_step
 
@@ -71,10 +71,11 @@ def load_subject(config) -> SubjectModel:
         raise ValueError("Set --config.model.source to a model directory, .gguf file or hub id.")
     if config.model.dtype not in DTYPES:
         raise ValueError(f"--config.model.dtype must be one of {sorted(DTYPES)}.")
-    dtype = DTYPES[config.model.dtype]
-    if config.model.source == "embedded:smollm2":
-        return load_embedded_default(dtype=dtype)
-    return load_model(config.model.source, dtype=dtype, revision=config.model.revision or None)
+    return load_model(
+        config.model.source,
+        dtype=DTYPES[config.model.dtype],
+        revision=config.model.revision or None,
+    )
 
 
 def sequences_per_step(config, mesh) -> int:

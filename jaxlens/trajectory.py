@@ -317,12 +317,11 @@ def _define_flags() -> None:
 
 
 def load_model_and_lens(model_source: str, lens_source: str) -> tuple[SubjectModel, LogitLens]:
-    """The model ("embedded:smollm2" or a `load_model` source) and its lens ("logit" or a path)."""
+    """The model (any `load_model` source) and its lens ("logit" or a path)."""
     from jaxlens import lens_io  # Orbax and the torch file format: only the command needs them
-    from jaxlens.models import load_embedded_default, load_model
+    from jaxlens.models import load_model
 
-    embedded = model_source == "embedded:smollm2"
-    model = load_embedded_default() if embedded else load_model(model_source)
+    model = load_model(model_source)
     if lens_source == "logit":
         return model, LogitLens(model.decoder())
     return model, lens_io.load_lens(lens_source, model)

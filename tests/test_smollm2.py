@@ -41,3 +41,11 @@ def test_logits_match_transformers_gguf_loading_in_pytorch(smollm2, passage_ids)
 def test_loss_on_shakespeare_is_that_of_a_real_language_model(smollm2, passage_ids):
     loss = demo.next_token_loss(smollm2, passage_ids)
     assert 1.0 < loss < 4.0, loss
+
+
+def test_load_model_knows_the_embedded_default_by_name(smollm2):
+    from jaxlens.models import load_model
+
+    again = load_model("embedded:smollm2")
+    assert again.name_or_path == smollm2.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (again.num_layers, again.d_model) == (smollm2.num_layers, smollm2.d_model)

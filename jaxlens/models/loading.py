@@ -22,6 +22,8 @@ from safetensors.numpy import load_file
 from jaxlens.models import convert, families
 from jaxlens.models.subject import SubjectModel
 
+EMBEDDED_DEFAULT = "embedded:smollm2"  # the source name of `load_embedded_default`
+
 _HUB_FILES = [
     "config.json",
     "*.safetensors",
@@ -45,7 +47,8 @@ def load_model(
 
     Args:
       source: a local Hugging Face model directory (config.json + safetensors or Flax msgpack),
-        a `.gguf` file, or a hub model id such as "gpt2" (downloaded: needs the network).
+        a `.gguf` file, a hub model id such as "gpt2" (downloaded: needs the network), or
+        "embedded:smollm2" (`load_embedded_default`).
       dtype: parameter and computation dtype (float32 default; bfloat16 for large models).
       revision: hub revision (branch, tag or commit) for hub ids.
       with_tokenizer: also load the tokenizer when the source has one.
@@ -53,6 +56,8 @@ def load_model(
       the `SubjectModel`.
     """
     text = os.fspath(source)
+    if text == EMBEDDED_DEFAULT:
+        return load_embedded_default(dtype=dtype)
     path = Path(text).expanduser()
     if path.is_file() or text.endswith(".gguf"):
         return load_gguf_model(path, dtype=dtype, with_tokenizer=with_tokenizer)
