@@ -180,22 +180,11 @@ def evaluate_lens(
     import json
     import pathlib
 
-    from jaxlens import data as data_lib
     from jaxlens import lens_io, train_lib
 
     model = train_lib.load_subject(config)
     train_lib.check_config(config, model)
-    texts = data_lib.load_texts(
-        config.data.source,
-        text_field=config.data.text_field,
-        split=config.data.split,
-        max_documents=config.data.max_documents or None,
-        hub_config=config.data.hub_config or None,
-    )
-    corpus = data_lib.tokenize_corpus(texts, model.tokenizer, config.data.seq_len)
-    _, heldout = data_lib.split_heldout(
-        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
-    )
+    _, heldout = train_lib.load_corpus(config, model.tokenizer)
     available = heldout.chunks.size
     if tokens > available:
         raise ValueError(

@@ -113,6 +113,21 @@ def check_config(config, model: SubjectModel) -> None:
         raise ValueError("--config.num_steps must be at least 1.")
 
 
+def load_corpus(config, tokenizer):
+    """`config.data`'s text, tokenized and chunked: `(train, heldout)` corpora, disjoint."""
+    texts = data_lib.load_texts(
+        config.data.source,
+        text_field=config.data.text_field,
+        split=config.data.split,
+        max_documents=config.data.max_documents or None,
+        hub_config=config.data.hub_config or None,
+    )
+    corpus = data_lib.tokenize_corpus(texts, tokenizer, config.data.seq_len)
+    return data_lib.split_heldout(
+        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
+    )
+
+
 def run_metadata(config, model: SubjectModel) -> dict:
     """What an existing checkpoint must agree with to be resumed."""
     return {
@@ -194,17 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     check_config(config, model)
     _say(f"Subject model: {model}")
 
-    texts = data_lib.load_texts(
-        config.data.source,
-        text_field=config.data.text_field,
-        split=config.data.split,
-        max_documents=config.data.max_documents or None,
-        hub_config=config.data.hub_config or None,
-    )
-    corpus = data_lib.tokenize_corpus(texts, model.tokenizer, config.data.seq_len)
-    train_data, heldout = data_lib.split_heldout(
-        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
-    )
+    train_data, heldout = load_corpus(config, model.tokenizer)
     stream = data_lib.ChunkStream(train_data.chunks, seed=config.seed)
     stream.check_enough(config.num_steps, batch_size, allow_repeat=config.data.allow_repeat)
 
