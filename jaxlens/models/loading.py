@@ -107,7 +107,8 @@ def read_config(directory: Path):
 def load_model_dir(directory: Path, *, dtype=jnp.float32, with_tokenizer=True) -> SubjectModel:
     """Loads a local Hugging Face directory (single/sharded safetensors or Flax msgpack)."""
     config = read_config(directory)
-    shape_tree = SubjectModel.shape_tree(config, dtype)
+    flax_model = SubjectModel.flax_model_for(config, dtype)
+    shape_tree = flax_model.params_shape_tree
     prefix = config_prefix(config)
     if (directory / "model.safetensors").is_file():
         params = convert.params_from_torch_names(
@@ -136,6 +137,7 @@ def load_model_dir(directory: Path, *, dtype=jnp.float32, with_tokenizer=True) -
         dtype=dtype,
         tokenizer=tokenizer,
         name_or_path=getattr(config, "_name_or_path", None) or str(directory),
+        flax_model=flax_model,
     )
 
 
@@ -168,8 +170,9 @@ def load_gguf_model(path: Path, *, dtype=jnp.float32, with_tokenizer=True) -> Su
 
     checkpoint = gguf.read_gguf(path)
     config = transformers.LlamaConfig(**checkpoint.config)
+    flax_model = SubjectModel.flax_model_for(config, dtype)
     params = convert.params_from_torch_names(
-        checkpoint.state_dict, SubjectModel.shape_tree(config, dtype), "model", dtype
+        checkpoint.state_dict, flax_model.params_shape_tree, "model", dtype
     )
     tokenizer = gguf.load_gguf_tokenizer(path) if with_tokenizer else None
     return SubjectModel(
@@ -178,6 +181,7 @@ def load_gguf_model(path: Path, *, dtype=jnp.float32, with_tokenizer=True) -> Su
         dtype=dtype,
         tokenizer=tokenizer,
         name_or_path=str(path),
+        flax_model=flax_model,
     )
 
 

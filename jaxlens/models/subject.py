@@ -70,22 +70,26 @@ class SubjectModel:
         tokenizer=None,
         name_or_path: str | None = None,
         revision: str | None = None,
+        flax_model=None,
     ):
         self.family: Family = family_of(config)
         self.config = config
         self.dtype = dtype
-        self.flax_model = self.family.flax_class(config, dtype=dtype, _do_init=False)
+        # Building it traces the whole model once; loaders pass the one they built for its shapes.
+        self.flax_model = (
+            flax_model if flax_model is not None else self.flax_model_for(config, dtype)
+        )
         self.params = params
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path or getattr(config, "_name_or_path", "") or None
         self.revision = revision
         self._jitted_apply = jax.jit(self.apply)
 
-    @classmethod
-    def shape_tree(cls, config, dtype=jnp.float32):
-        """The parameter tree of `config` as `jax.ShapeDtypeStruct`s (nothing allocated)."""
-        family = family_of(config)
-        return family.flax_class(config, dtype=dtype, _do_init=False).params_shape_tree
+    @staticmethod
+    def flax_model_for(config, dtype=jnp.float32):
+        """The family's Flax model for `config`, without parameters; its `params_shape_tree` is
+        the parameter tree as `jax.ShapeDtypeStruct`s (nothing allocated)."""
+        return family_of(config).flax_class(config, dtype=dtype, _do_init=False)
 
     # Facts a lens needs -------------------------------------------------------------------
 
