@@ -24,6 +24,13 @@ from flax import struct
 from jaxlens.models.decoder import Decoder
 
 
+def translate(kernel_dd: jax.Array, bias_d: jax.Array | None, h_d: jax.Array) -> jax.Array:
+    """One translator in residual form, in float32: `h + h @ kernel (+ bias)` over `[..., d]`."""
+    h = h_d.astype(jnp.float32)
+    moved = h + h @ kernel_dd
+    return moved if bias_d is None else moved + bias_d
+
+
 @struct.dataclass
 class Translators:
     """The bank of affine translators, one per layer.
@@ -94,11 +101,10 @@ class TunedLens(LogitLens):
 
     def transform_hidden(self, h_btd: jax.Array, layer: int | jax.Array) -> jax.Array:
         """h + h @ W_layer + b_layer, in float32. `layer` may be a traced index."""
-        h = h_btd.astype(jnp.float32)
-        out = h + h @ self.translators.kernel_ldd[layer]
-        if self.translators.bias_ld is not None:
-            out = out + self.translators.bias_ld[layer]
-        return out
+        bias = self.translators.bias_ld
+        return translate(
+            self.translators.kernel_ldd[layer], None if bias is None else bias[layer], h_btd
+        )
 
     def transform_all(self, h_lbtd: jax.Array) -> jax.Array:
         """Translates all L layers at once: `[L, ..., d] -> [L, ..., d]`, one einsum."""

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxlens.lens import TunedLens
+from jaxlens.lens import TunedLens, translate
 
 
 def _logits(x_cd, unembed_vd, bias_v):
@@ -81,13 +81,6 @@ def _bwd(kind, residuals, g):
 
 
 _soft_cross_entropy.defvjp(_fwd, _bwd)
-
-
-def _translate(kernel_dd, bias_d, h_cd):
-    """One translator in residual form: h + h W + b, in float32."""
-    h = h_cd.astype(jnp.float32)
-    moved = h + h @ kernel_dd
-    return moved if bias_d is None else moved + bias_d
 
 
 def _pad_to_chunks(x_n, chunk):
@@ -156,7 +149,7 @@ def layer_losses(
             neg_entropy = 0.0
 
         def one_layer(_, layer_xs):
-            x_cd = decoder.final_norm(_translate(*layer_xs))
+            x_cd = decoder.final_norm(translate(*layer_xs))
             cross = _soft_cross_entropy(
                 loss, x_cd, decoder.unembed_vd, decoder.unembed_bias_v, target_c, weight_c
             )
@@ -243,7 +236,7 @@ def layer_metrics(
         neg_entropy_c = -base_entropy
 
         def one_layer(_, layer_xs):
-            z = decoder(_translate(*layer_xs))
+            z = decoder(translate(*layer_xs))
             lse, _, ce, entropy = stats(z, labels_c)
             kl = neg_entropy_c + lse - (p * z).sum(-1)
             return None, jnp.stack(
@@ -291,12 +284,12 @@ def transfer_metrics(
 
         def one_layer(_, layer_xs):  # layer j: its own distribution, then every translator i
             kernel_dd, bias_d, h_cd = layer_xs
-            own = jax.nn.log_softmax(decoder(_translate(kernel_dd, bias_d, h_cd)))
+            own = jax.nn.log_softmax(decoder(translate(kernel_dd, bias_d, h_cd)))
             p = jnp.exp(own)
             neg_entropy_c = (p * own).sum(-1)
 
             def one_translator(_, translator_xs):
-                z = decoder(_translate(*translator_xs, h_cd))
+                z = decoder(translate(*translator_xs, h_cd))
                 lse = jax.nn.logsumexp(z, axis=-1)
                 ce = lse - jnp.take_along_axis(z, labels_c[:, None], axis=-1)[:, 0]
                 kl = neg_entropy_c + lse - (p * z).sum(-1)
