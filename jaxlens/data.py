@@ -4,7 +4,9 @@ The pipeline follows the tuned-lens convention so that losses and bits per byte 
 PyTorch package: documents are joined with the EOS token as separator (a leading EOS too),
 tokenized, and cut into consecutive chunks of ``seq_len`` tokens, the short remainder dropped;
 ``nats_to_bpb = (tokens / UTF-8 bytes) / ln 2`` converts a loss in nats per token into bits per
-byte. Everything up to the batch is numpy on the host. `ChunkStream` decides which chunks form
+byte. Everything up to the batch is numpy on the host. In a multi-host run each host reads and
+tokenizes only its own contiguous block of documents, and `gather_streams` joins the blocks' token
+streams into the corpus's, identical on every host. `ChunkStream` decides which chunks form
 each global batch from ``(seed, position)`` alone: epoch ``e`` visits the chunks in the order of a
 permutation seeded by ``[seed, e]``, and every host computes only its own rows of a batch, so a
 run resumes exactly from a saved position and gives the same batches on any number of hosts.
@@ -43,8 +45,10 @@ def load_texts(
     split: str = "train",
     max_documents: int | None = None,
     hub_config: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> list[str]:
-    """Read a corpus as a list of documents.
+    """Read a corpus as a list of documents, or one host's contiguous block of them.
 
     Args:
         source: one of
@@ -58,9 +62,13 @@ def load_texts(
         max_documents: keep only the first this many documents (required to bound a hub
             stream, which otherwise is read to its end).
         hub_config: the configuration name of a hub dataset (``"wikitext-103-raw-v1"``).
+        process_index, process_count: read only block ``process_index`` of ``process_count``
+            contiguous blocks of documents (`document_block`): each host of a multi-host run
+            reads and tokenizes its own share, and `gather_streams` joins the shares. Files of
+            other blocks are not opened; a hub stream is read up to the end of this block.
 
     Returns:
-        The documents, in corpus order.
+        The documents (of this block), in corpus order.
 
     Raises:
         FileNotFoundError: ``source`` looks like a path but nothing is there.
@@ -69,39 +77,74 @@ def load_texts(
     """
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max_documents={max_documents}; it must be at least 1, or None for all.")
-    texts = _read_source(source, text_field, split, max_documents, hub_config)
-    texts = texts[:max_documents] if max_documents is not None else texts
-    if not any(texts):
-        raise ValueError(
-            f"{source!r} holds no text ({len(texts)} documents, all empty); point the data "
-            "source at a non-empty corpus."
-        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+    block = _Block(max_documents, process_index, process_count)
+    texts = _read_source(source, text_field, split, hub_config, block)
+    if process_count == 1:
+        check_has_text(len(texts), sum(map(len, texts)), source)
     return texts
 
 
-def _read_source(source, text_field, split, max_documents, hub_config) -> list[str]:
+def check_has_text(num_documents: int, num_characters: int, source: str) -> None:
+    """Refuses a corpus whose documents are all empty."""
+    if num_characters == 0:
+        raise ValueError(
+            f"{source!r} holds no text ({num_documents} documents, all empty); point the data "
+            "source at a non-empty corpus."
+        )
+
+
+def document_block(num_documents: int, process_index: int, process_count: int) -> range:
+    """The documents of block ``process_index`` of ``process_count`` contiguous blocks.
+
+    The first ``num_documents % process_count`` blocks hold one document more than the others
+    (as `numpy.array_split` cuts), so joining the blocks in order gives every document once.
+    """
+    size, extra = divmod(num_documents, process_count)
+    start = process_index * size + min(process_index, extra)
+    return range(start, start + size + (process_index < extra))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """Which documents to read: the first ``max_documents``, then block ``index`` of ``count``."""
+
+    max_documents: int | None
+    index: int
+    count: int
+
+    def of(self, num_documents: int) -> range:
+        if self.max_documents is not None:
+            num_documents = min(num_documents, self.max_documents)
+        return document_block(num_documents, self.index, self.count)
+
+
+def _read_source(source, text_field, split, hub_config, block: _Block) -> list[str]:
     """Dispatch on the kind of ``source``; see `load_texts`."""
     from jaxlens import assets
 
     if source == "shakespeare":
-        return assets.shakespeare_texts()
+        texts = assets.shakespeare_texts()
+        return [texts[i] for i in block.of(len(texts))]
     path = pathlib.Path(source).expanduser()
     if path.is_dir():
-        return _read_txt_files(sorted(path.glob("*.txt")), f"directory {path}")
+        return _read_txt_files(sorted(path.glob("*.txt")), f"directory {path}", block)
     if any(c in source for c in "*?["):
-        return _read_txt_files(sorted(pathlib.Path(p) for p in glob.glob(source)), source)
+        files = sorted(pathlib.Path(p) for p in glob.glob(source))
+        return _read_txt_files(files, source, block)
     if path.is_file():
         if path.suffix in _TEXT_SUFFIXES:
-            return [path.read_text(encoding="utf-8")]
+            return [path.read_text(encoding="utf-8") for _ in block.of(1)]
         if path.suffix in _DATASETS_BUILDERS:
-            return _read_with_datasets(path, text_field)
+            return _read_with_datasets(path, text_field, block)
         raise ValueError(
             f"{path} is a {path.suffix or 'suffix-less'} file; supported files are .txt, .jsonl, "
             ".json and .parquet."
         )
     if _looks_like_path(source):
         raise FileNotFoundError(f"No file or directory at {path} (from data source {source!r}).")
-    return _read_hub(source, hub_config, split, text_field, max_documents)
+    return _read_hub(source, hub_config, split, text_field, block)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -110,7 +153,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith(known + ("/",))
 
 
-def _read_txt_files(files: Sequence[pathlib.Path], where: str) -> list[str]:
+def _read_txt_files(files: Sequence[pathlib.Path], where: str, block: _Block) -> list[str]:
     if not files:
         raise ValueError(
             f"No .txt files in {where}; a corpus directory or glob needs at least one."
@@ -121,25 +164,36 @@ def _read_txt_files(files: Sequence[pathlib.Path], where: str) -> list[str]:
             f"{where} matches entries that are not .txt files: {others[:5]}; narrow the glob to "
             "'*.txt' (json and parquet files are read one file at a time)."
         )
-    return [f.read_text(encoding="utf-8") for f in files]
+    return [files[i].read_text(encoding="utf-8") for i in block.of(len(files))]
 
 
-def _read_with_datasets(path: pathlib.Path, text_field: str) -> list[str]:
+def _read_with_datasets(path: pathlib.Path, text_field: str, block: _Block) -> list[str]:
     import datasets
 
     data = datasets.load_dataset(
         _DATASETS_BUILDERS[path.suffix], data_files=str(path), split="train"
     )
     _check_field(text_field, data.column_names, str(path))
-    return _as_strings(data[text_field], str(path))
+    rows = block.of(len(data))
+    return _as_strings(data.select(rows)[text_field], str(path))
 
 
-def _read_hub(name, hub_config, split, text_field, max_documents) -> list[str]:
+def _read_hub(name, hub_config, split, text_field, block: _Block) -> list[str]:
     import datasets
 
+    if block.count == 1:
+        start, stop = 0, block.max_documents  # None: to the end of the stream
+    elif block.max_documents is None:
+        raise ValueError(
+            f"Hub dataset {name!r} on {block.count} hosts: set max_documents so that the hosts "
+            "can split the documents into blocks (each host streams up to the end of its own)."
+        )
+    else:
+        rows = block.of(block.max_documents)
+        start, stop = rows.start, rows.stop
     try:
         stream = datasets.load_dataset(name, hub_config, split=split, streaming=True)
-        examples = list(itertools.islice(stream, max_documents))
+        examples = list(itertools.islice(stream, start, stop))
     except Exception as e:
         raise ValueError(
             f"Could not stream the hub dataset {name!r} (config {hub_config!r}, split {split!r}): "
@@ -204,8 +258,38 @@ class TokenizedCorpus:
         return (self.num_tokens / self.num_bytes) / math.log(2)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenStream:
+    """The tokens of ``eos + doc_1 + eos + doc_2 + ... + eos + doc_n``, with its byte counts.
+
+    Attributes:
+        tokens: int32 ``[num_tokens]`` token ids.
+        text_bytes: UTF-8 bytes of the documents themselves.
+        num_documents: how many documents (hence EOS separators) the stream holds.
+        eos_bytes: UTF-8 bytes of the EOS token's text.
+    """
+
+    tokens: np.ndarray
+    text_bytes: int
+    num_documents: int
+    eos_bytes: int
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of the joined text: every document plus one EOS each."""
+        return self.text_bytes + self.num_documents * self.eos_bytes
+
+
 def tokenize_corpus(texts: Sequence[str], tokenizer, seq_len: int) -> TokenizedCorpus:
     """Tokenize documents the tuned-lens way and cut them into chunks of ``seq_len`` tokens.
+
+    Same as ``chunk_stream(tokenize_stream(texts, tokenizer), seq_len)``; see those two.
+    """
+    return chunk_stream(tokenize_stream(texts, tokenizer), seq_len)
+
+
+def tokenize_stream(texts: Sequence[str], tokenizer) -> TokenStream:
+    """Tokenize documents into the tuned-lens token stream.
 
     The token stream is that of ``eos + doc_1 + eos + doc_2 + ... + eos + doc_n`` (no trailing
     EOS, no other special tokens such as a BOS). Rather than tokenizing that one giant string,
@@ -213,23 +297,17 @@ def tokenize_corpus(texts: Sequence[str], tokenizer, seq_len: int) -> TokenizedC
     tokenizer runs on several threads) and the EOS id is spliced in between. This is the same
     stream: a tokenizer splits its input at special tokens before anything else, so no merge ever
     crosses an EOS. (It could differ only for a tokenizer whose EOS is not registered as a special
-    token, where text either side of the EOS string could merge with it.)
+    token, where text either side of the EOS string could merge with it.) For the same reason the
+    streams of consecutive blocks of documents join into the stream of all of them, which is what
+    lets each host tokenize only its own block (`gather_streams`).
 
     Args:
         texts: the documents.
         tokenizer: a transformers tokenizer with an EOS token.
-        seq_len: tokens per chunk.
-
-    Returns:
-        The chunks (the final ``num_tokens % seq_len`` tokens dropped), the number of tokens of
-        the whole stream and the UTF-8 bytes of the joined text.
 
     Raises:
-        ValueError: the tokenizer has no EOS token, ``seq_len`` is not positive, or the corpus
-            has fewer than ``seq_len`` tokens.
+        ValueError: the tokenizer has no EOS token.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len}; it must be a positive number of tokens.")
     eos_id = tokenizer.eos_token_id
     if eos_id is None or tokenizer.eos_token is None:
         raise ValueError(
@@ -243,17 +321,63 @@ def tokenize_corpus(texts: Sequence[str], tokenizer, seq_len: int) -> TokenizedC
         ]
         or [np.zeros(0, np.int32)]
     )
+    return TokenStream(
+        tokens=tokens,
+        text_bytes=sum(len(t.encode("utf-8")) for t in texts),
+        num_documents=len(texts),
+        eos_bytes=len(tokenizer.eos_token.encode("utf-8")),
+    )
+
+
+def chunk_stream(stream: TokenStream, seq_len: int) -> TokenizedCorpus:
+    """Cut a token stream into consecutive chunks of ``seq_len`` tokens.
+
+    Returns:
+        The chunks (the final ``num_tokens % seq_len`` tokens dropped), the number of tokens of
+        the whole stream and the UTF-8 bytes of the joined text.
+
+    Raises:
+        ValueError: ``seq_len`` is not positive, or the stream has fewer than ``seq_len`` tokens.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len}; it must be a positive number of tokens.")
+    tokens = stream.tokens
     num_chunks = tokens.size // seq_len
     if num_chunks == 0:
         raise ValueError(
             f"The corpus has {tokens.size} tokens, fewer than one chunk of seq_len={seq_len}; "
             "lower seq_len or add data."
         )
-    # Bytes of the joined text, counted without building it: every document plus one EOS each.
-    eos_bytes = len(tokenizer.eos_token.encode("utf-8"))
-    num_bytes = sum(len(t.encode("utf-8")) for t in texts) + len(texts) * eos_bytes
     chunks = tokens[: num_chunks * seq_len].reshape(num_chunks, seq_len)
-    return TokenizedCorpus(chunks=chunks, num_tokens=int(tokens.size), num_bytes=num_bytes)
+    return TokenizedCorpus(chunks=chunks, num_tokens=int(tokens.size), num_bytes=stream.num_bytes)
+
+
+def gather_streams(stream: TokenStream) -> TokenStream:
+    """Joins every host's stream, in process order, into the stream of the whole corpus.
+
+    Each host passes the stream of its own block of documents (`load_texts` with its
+    ``process_index``); since blocks are contiguous and in process order, the joined stream is
+    exactly the one a single process would tokenize, so batches, losses and resumption do not
+    depend on the number of hosts. Only token ids (4 bytes each) cross hosts, never text. With
+    one process this returns ``stream`` itself.
+    """
+    if jax.process_count() == 1:
+        return stream
+    from jax.experimental import multihost_utils
+
+    # Counts travel as the 8 bytes of an int64: jax would narrow int64 to int32.
+    counts = np.array([stream.tokens.size, stream.text_bytes, stream.num_documents], np.int64)
+    gathered = multihost_utils.process_allgather(counts.view(np.uint8))
+    sizes, text_bytes, documents = np.ascontiguousarray(gathered).view(np.int64).T
+    padded = np.zeros(max(int(sizes.max()), 1), np.int32)
+    padded[: stream.tokens.size] = stream.tokens
+    all_tokens = multihost_utils.process_allgather(padded)
+    return TokenStream(
+        tokens=np.concatenate([row[:size] for row, size in zip(all_tokens, sizes, strict=True)]),
+        text_bytes=int(text_bytes.sum()),
+        num_documents=int(documents.sum()),
+        eos_bytes=stream.eos_bytes,
+    )
 
 
 def _tokenize_with_leading_eos(texts: Sequence[str], tokenizer, eos_id: int) -> np.ndarray:

@@ -114,15 +114,23 @@ def check_config(config, model: SubjectModel) -> None:
 
 
 def load_corpus(config, tokenizer):
-    """`config.data`'s text, tokenized and chunked: `(train, heldout)` corpora, disjoint."""
+    """`config.data`'s text, tokenized and chunked: `(train, heldout)` corpora, disjoint.
+
+    Each process reads and tokenizes only its own block of documents; the token streams are then
+    joined across processes, so every process holds the same corpus as a single process would.
+    """
     texts = data_lib.load_texts(
         config.data.source,
         text_field=config.data.text_field,
         split=config.data.split,
         max_documents=config.data.max_documents or None,
         hub_config=config.data.hub_config or None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
-    corpus = data_lib.tokenize_corpus(texts, tokenizer, config.data.seq_len)
+    stream = data_lib.gather_streams(data_lib.tokenize_stream(texts, tokenizer))
+    data_lib.check_has_text(stream.num_documents, stream.text_bytes, config.data.source)
+    corpus = data_lib.chunk_stream(stream, config.data.seq_len)
     return data_lib.split_heldout(
         corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
     )

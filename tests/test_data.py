@@ -281,6 +281,72 @@ def test_load_shakespeare(texts):
     assert data.load_texts("shakespeare", max_documents=2) == texts[:2]
 
 
+def test_document_blocks_cut_like_array_split():
+    for n in range(0, 9):
+        for count in range(1, 5):
+            blocks = [data.document_block(n, i, count) for i in range(count)]
+            expected = np.array_split(np.arange(n), count)
+            assert [list(b) for b in blocks] == [list(e) for e in expected]
+
+
+def _blocks(source, count, **kwargs):
+    return [
+        data.load_texts(source, process_index=i, process_count=count, **kwargs)
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_hosts_blocks_join_into_the_whole_corpus(tmp_path, tokenizer, count):
+    from datasets import Dataset
+
+    docs = [f"Document {i}: " + "to be or not " * i for i in range(7)]
+    for i, doc in enumerate(docs):
+        (tmp_path / f"{i:02d}.txt").write_text(doc, encoding="utf-8")
+    Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "c.parquet"))
+    sources = [
+        (str(tmp_path), {}),
+        (str(tmp_path / "*.txt"), {"max_documents": 6}),
+        (str(tmp_path / "c.parquet"), {}),
+        (str(tmp_path / "c.parquet"), {"max_documents": 4}),
+        (str(tmp_path / "03.txt"), {}),
+        ("shakespeare", {"max_documents": 4}),
+    ]
+    for source, kwargs in sources:
+        whole = data.load_texts(source, **kwargs)
+        blocks = _blocks(source, count, **kwargs)
+        assert sum(blocks, []) == whole, source
+        # The hosts' token streams, joined in process order, are the whole corpus's stream.
+        streams = [data.tokenize_stream(b, tokenizer) for b in blocks]
+        expected = data.tokenize_stream(whole, tokenizer)
+        np.testing.assert_array_equal(np.concatenate([s.tokens for s in streams]), expected.tokens)
+        assert sum(s.num_bytes for s in streams) == expected.num_bytes
+
+
+def test_a_host_does_not_open_the_other_hosts_files(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i}.txt").write_text(f"document {i}", encoding="utf-8")
+    (tmp_path / "3.txt").write_bytes(b"\xff\xfe not UTF-8")  # in the second host's block
+    assert data.load_texts(str(tmp_path), process_index=0, process_count=2) == [
+        "document 0",
+        "document 1",
+    ]
+    with pytest.raises(UnicodeDecodeError):
+        data.load_texts(str(tmp_path), process_index=1, process_count=2)
+
+
+def test_multi_host_hub_streaming_needs_max_documents():
+    with pytest.raises(ValueError, match="set max_documents"):
+        data.load_texts("someone/some-dataset", process_index=0, process_count=2)
+    with pytest.raises(ValueError, match=r"process_index=2 is not in \[0, 2\)"):
+        data.load_texts("shakespeare", process_index=2, process_count=2)
+
+
+def test_gather_streams_is_the_identity_on_one_process(tokenizer):
+    stream = data.tokenize_stream(["To be, or not to be"], tokenizer)
+    assert data.gather_streams(stream) is stream
+
+
 # --------------------------------------------------------------------------------------------
 # Global arrays
 
