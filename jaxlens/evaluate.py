@@ -3,18 +3,22 @@
 For each layer and each lens: KL(model output || lens) and next-token cross-entropy, averaged
 over tokens, plus the model's own cross-entropy as a baseline. Cross-entropies are reported in
 bits per byte (tuned-lens's unit, via the corpus's `nats_to_bpb`); KL in nats and in bits per byte.
-Everything is computed with the chunked losses, so all layers' logits never exist at once.
+Everything is computed with the chunked losses, so all layers' logits never exist at once, and
+sharded over the device mesh like training.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxlens.data import global_batch, process_row_block
 from jaxlens.lens import Translators, TunedLens
 from jaxlens.losses import layer_metrics, transfer_metrics
 from jaxlens.models import SubjectModel
+from jaxlens.sharding import bank_shardings, make_mesh, model_param_shardings, put
 
 
 def make_eval_step(model: SubjectModel, *, chunk_tokens: int = 2048, layer_transfer=False):
@@ -50,38 +54,54 @@ def evaluate(
     chunk_tokens: int = 2048,
     model_params=None,
     layer_transfer: bool = False,
+    mesh: Mesh | None = None,
+    shard_model_params: bool = False,
 ) -> dict:
     """Per-layer metrics of the tuned lens and the logit lens on held-out sequences.
 
+    Runs on a device mesh as training does: each batch is split over "data", the bank over
+    "model" (and the frozen weights too with `shard_model_params`). In a multi-host run every
+    host passes the same sequences and feeds only its own rows.
+
     Args:
       model: the subject model.
-      translators: the trained bank.
+      translators: the trained bank (host values, or global arrays laid out by the mesh).
       sequences_nt: held-out token ids `[n, t]`.
       nats_to_bpb: the corpus's conversion factor (`TokenizedCorpus.nats_to_bpb`).
-      batch_size: sequences per jitted evaluation batch (the last partial batch is dropped
-        unless it is the only one).
+      batch_size: sequences per jitted evaluation batch, rounded up to a multiple of the mesh's
+        "data" size when there are enough sequences (the last partial batch is dropped unless it
+        is the only one).
+      model_params: the parameters to use (default: the model's own).
       layer_transfer: also apply every translator to every layer (L^2 unembeddings per token);
         reported in the tuned-lens files under "tuned" -> "layer_transfer".
+      mesh: a ("data", "model") mesh (default: all devices on "data").
+      shard_model_params: split the frozen weights over "model" (`model_param_shardings`).
     Returns:
       `{"logit": {"kl_nats", "kl_bpb", "ce_bpb", "entropy_bpb": [L]}, "tuned": {...},
         "baseline": {"ce_bpb", "entropy_bpb": float}, "tokens": int}`.
     """
+    mesh = make_mesh(-1, 1) if mesh is None else mesh
     params = model.params if model_params is None else model_params
-    step = jax.jit(make_eval_step(model, chunk_tokens=chunk_tokens, layer_transfer=layer_transfer))
-    batch_size = min(batch_size, len(sequences_nt))
-    batches = [
-        sequences_nt[i : i + batch_size]
-        for i in range(0, len(sequences_nt) - batch_size + 1, batch_size)
-    ]
-    per_batch = [
-        jax.tree.map(
-            lambda x: np.asarray(x, np.float64),
-            jax.device_get(step(translators, params, jnp.asarray(ids))),
-        )
-        for ids in batches
-    ]
+    param_shardings = model_param_shardings(params, mesh, shard_model_params)
+    translator_shardings = bank_shardings(mesh, translators)
+    batch_size, spec = _batch_layout(len(sequences_nt), batch_size, mesh.shape["data"])
+    step = jax.jit(
+        make_eval_step(model, chunk_tokens=chunk_tokens, layer_transfer=layer_transfer),
+        in_shardings=(translator_shardings, param_shardings, NamedSharding(mesh, spec)),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+    params = put(params, param_shardings)
+    translators = put(translators, translator_shardings)
+    block, num_blocks = process_row_block(mesh, spec, (batch_size, sequences_nt.shape[1]))
+    rows = batch_size // num_blocks
+    per_batch = []
+    for start in range(0, len(sequences_nt) - batch_size + 1, batch_size):
+        mine = start + block * rows
+        ids = global_batch(sequences_nt[mine : mine + rows], mesh, spec)
+        metrics = jax.device_get(step(translators, params, ids))
+        per_batch.append(jax.tree.map(lambda x: np.asarray(x, np.float64), metrics))
     means = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *per_batch)
-    result = {"tokens": int(len(batches) * batch_size * sequences_nt.shape[1])}
+    result = {"tokens": int(len(per_batch) * batch_size * sequences_nt.shape[1])}
     for name in ("logit", "tuned"):
         kl = means[f"{name}/kl"]
         result[name] = {
@@ -96,6 +116,16 @@ def evaluate(
     }
     result["batches"] = [tuned_lens_format(m, nats_to_bpb) for m in per_batch]
     return result
+
+
+def _batch_layout(num_sequences: int, batch_size: int, data: int) -> tuple[int, P]:
+    """The batch size and its partition spec: split over "data" when every data-parallel device
+    can get a row, else (fewer sequences than devices) the batch replicated on all."""
+    batch_size = min(batch_size, num_sequences)
+    rounded = -(-batch_size // data) * data
+    if rounded <= num_sequences:
+        return rounded, P("data")
+    return batch_size, P()
 
 
 def tuned_lens_format(means: dict, nats_to_bpb: float) -> dict:
@@ -182,6 +212,9 @@ def evaluate_lens(
 
     from jaxlens import lens_io, train_lib
 
+    if config.distributed:
+        train_lib.start_distributed(config)
+    mesh = make_mesh(config.mesh.data, config.mesh.model)
     model = train_lib.load_subject(config)
     train_lib.check_config(config, model)
     _, heldout = train_lib.load_corpus(config, model.tokenizer)
@@ -205,7 +238,11 @@ def evaluate_lens(
         batch_size=config.eval_batch_size,
         chunk_tokens=config.chunk_tokens,
         layer_transfer=layer_transfer,
+        mesh=mesh,
+        shard_model_params=config.mesh.shard_model_params,
     )
+    if jax.process_index() != 0:
+        return result
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "aggregate_metrics.json").write_text(json.dumps(aggregate(result)))

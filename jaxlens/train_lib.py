@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlens import data as data_lib
@@ -27,6 +26,7 @@ from jaxlens.checkpointing import Checkpointer
 from jaxlens.lens import Translators
 from jaxlens.models import SubjectModel, load_model
 from jaxlens.optim import optimizer_from_config
+from jaxlens.sharding import bank_shardings, make_mesh, model_param_shardings
 from jaxlens.step import TrainState, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -48,22 +48,6 @@ def start_distributed(config) -> None:
     # Cross-process collectives on CPU hosts (tests, CPU clusters); accelerators ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
-
-
-def make_mesh(data: int, model: int) -> jax.sharding.Mesh:
-    """A ("data", "model") mesh over all devices; one size may be -1 (fills the rest)."""
-    count = jax.device_count()
-    if data == -1 and model == -1:
-        raise ValueError("At most one of --config.mesh.data/model may be -1.")
-    data = count // model if data == -1 else data
-    model = count // data if model == -1 else model
-    if data * model != count:
-        raise ValueError(
-            f"--config.mesh.data={data} x --config.mesh.model={model} must equal the "
-            f"{count} devices available."
-        )
-    # transformers' Flax models do not support Explicit axes, jax.make_mesh's new default.
-    return jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
 
 
 def load_subject(config) -> SubjectModel:
@@ -155,35 +139,6 @@ def run_metadata(config, model: SubjectModel) -> dict:
     }
 
 
-def model_param_shardings(params, mesh, shard: bool):
-    """Replicated frozen weights, or (shard=True) each split over "model" along its last axis
-    that divides evenly, for models too large for one chip; XLA inserts the collectives."""
-    size = mesh.shape["model"]
-
-    def spec(leaf):
-        if shard and size > 1:
-            for axis in reversed(range(leaf.ndim)):
-                if leaf.ndim >= 2 and leaf.shape[axis] % size == 0:
-                    names = [None] * leaf.ndim
-                    names[axis] = "model"
-                    return NamedSharding(mesh, P(*names))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(spec, params)
-
-
-def _bank_shardings(mesh, translators_or_state):
-    # The bank's output dimension is split over "model"; everything else is replicated.
-    def spec(leaf):
-        if getattr(leaf, "ndim", 0) == 3:
-            return NamedSharding(mesh, P(None, None, "model"))
-        if getattr(leaf, "ndim", 0) == 2:
-            return NamedSharding(mesh, P(None, "model"))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(spec, translators_or_state)
-
-
 def initial_translators(config, model: SubjectModel) -> Translators:
     """Zero translators (= the logit lens), or a warm start from `config.init_lens`."""
     if not config.init_lens:
@@ -232,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         return TrainState.create(start_bank, optimizer)
 
     abstract_state = jax.eval_shape(init)
-    state_shardings = _bank_shardings(mesh, abstract_state)
+    state_shardings = bank_shardings(mesh, abstract_state)
     batch_sharding = NamedSharding(mesh, P("data"))
 
     step_fn = jax.jit(
@@ -297,12 +252,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     result = evaluate_lib.evaluate(
         model,
-        # Gathered to every host (the bank may be sharded over hosts), then evaluated locally.
-        multihost_utils.process_allgather(state.translators, tiled=True),
+        state.translators,
         heldout.chunks,
         nats_to_bpb=heldout.nats_to_bpb,
         batch_size=config.eval_batch_size,
         chunk_tokens=config.chunk_tokens,
+        model_params=model_params,
+        mesh=mesh,
+        shard_model_params=config.mesh.shard_model_params,
     )
     if jax.process_index() == 0:
         (workdir / "eval.json").write_text(json.dumps(result, indent=1))

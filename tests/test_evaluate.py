@@ -160,3 +160,51 @@ def test_layer_transfer_files_nest_as_tuned_lens_and_agree_with_the_layer_metric
         for j in layers:
             assert transfer["ce"][i][j] == pytest.approx(saved["logit"]["ce"][j], rel=1e-5)
             assert transfer["kl"][i][j] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_evaluation_sharded_over_four_devices_equals_one_device(tiny_lm, text_dir, tmp_path):
+    """The command on a 2x2 mesh (bank and frozen weights split over "model") vs one device."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from configs import tiny
+    from jaxlens import lens_io
+    from jaxlens.evaluate import evaluate_lens
+
+    model = load_model(tiny_lm)
+    translators = tiny_models.random_translators(model.num_layers, model.d_model, seed=3)
+    lens_dir = lens_io.save_lens(tmp_path / "lens", translators, model)
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    evaluate_lens(config, str(lens_dir), tmp_path / "one")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxlens.evaluate",
+            "--config=configs/tiny.py",
+            f"--config.model.source={tiny_lm}",
+            f"--config.data.source={text_dir}",
+            "--config.mesh.data=2",
+            "--config.mesh.model=2",
+            "--config.mesh.shard_model_params=True",
+            f"--lens={lens_dir}",
+            f"--out={tmp_path / 'four'}",
+        ],
+        cwd=repo,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        check=True,
+    )
+    one = json.loads((tmp_path / "one" / "aggregate_metrics.json").read_text())
+    four = json.loads((tmp_path / "four" / "aggregate_metrics.json").read_text())
+    assert one.keys() == four.keys()
+    for lens in one:
+        for metric in one[lens]:
+            for layer, value in one[lens][metric].items():
+                assert four[lens][metric][layer] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert one["tuned"]["kl"] != one["logit"]["kl"]  # the lens is not the identity

@@ -120,6 +120,18 @@ def test_eight_devices_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
     b = lens_io.restore_translators(eight)
     np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-5)
     np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-5)
+    _assert_same_evaluation(one, eight)
+
+
+def _assert_same_evaluation(a, b):
+    """The held-out evaluations (sharded over the mesh in the multi-device runs) agree."""
+    x = json.loads((a / "eval.json").read_text())
+    y = json.loads((b / "eval.json").read_text())
+    assert x["tokens"] == y["tokens"]
+    for lens in ("logit", "tuned"):
+        for metric in ("kl_nats", "ce_bpb", "entropy_bpb"):
+            np.testing.assert_allclose(x[lens][metric], y[lens][metric], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(x["baseline"]["ce_bpb"], y["baseline"]["ce_bpb"], rtol=1e-5)
 
 
 # Bad input -------------------------------------------------------------------------------
@@ -211,6 +223,7 @@ def test_two_processes_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
     b = lens_io.restore_translators(two)
     np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-5)
     np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-5)
+    _assert_same_evaluation(one, two)
 
 
 def _tensorboard_scalars(directory):
