@@ -52,3 +52,19 @@ def test_notebook_runs(name, notebook_env, monkeypatch, tmp_path):
         if output.get("output_type") == "error"
     ]
     assert not errors
+
+
+def test_install_cells_and_colab_badges_name_the_published_repository():
+    import re
+
+    import tomllib
+
+    url = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    owner_name = url.removeprefix("https://github.com/")
+    readme = (REPO / "README.md").read_text()
+    for path in NOTEBOOKS:
+        install = nbformat.read(path, as_version=4).cells[1].source
+        assert f'JAXLENS_PIP_SPEC = "git+{url}"' in install, path.name
+        badge = f"colab.research.google.com/github/{owner_name}/blob/main/colab/{path.name}"
+        assert badge in readme, path.name
+    assert not re.findall(r"colab\.research\.google\.com/github/(?!" + owner_name + ")", readme)
