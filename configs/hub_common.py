@@ -1,6 +1,7 @@
 """Shared settings of the hub configs: web text streamed from the hub, accelerator-sized steps.
 
-Not a run config itself; `gpt2.py`, `llama.py`, `mistral.py` and `gemma.py` build on it.
+Not a run config itself; `gpt2.py`, `pythia.py`, `llama.py`, `mistral.py`, `gemma.py` and `qwen.py`
+build on it.
 """
 
 from configs import base

@@ -20,7 +20,8 @@ from jaxlens.models import load_model
 from jaxlens.optim import make_optimizer
 from jaxlens.step import TrainState, make_train_step
 
-FAMILIES = ["gpt2", "gpt_neo", "gptj", "opt", "bloom", "llama"]
+# tuned-lens 0.2.0's model_surgery knows these (not Mistral, Gemma, Qwen2 or Qwen3).
+FAMILIES = ["gpt2", "gpt_neo", "gptj", "opt", "bloom", "llama", "gpt_neox"]
 
 
 def _trained(model, steps=3, seed=0):
@@ -67,8 +68,9 @@ def test_exported_lens_loads_in_tuned_lens_with_equal_logits(family, tmp_path):
     assert written["unembed_hash"] == TorchTunedLens.from_model(torch_model).config.unembed_hash
 
 
-def test_a_tuned_lens_lens_imports_with_equal_logits_and_reexports_bit_for_bit(tmp_path):
-    torch_model = tiny_models.build("gpt2", seed=6)
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_a_tuned_lens_lens_imports_with_equal_logits_and_reexports_bit_for_bit(family, tmp_path):
+    torch_model = tiny_models.build(family, seed=6)
     model = load_model(tiny_models.save(torch_model, tmp_path / "model"))
     torch_lens = TorchTunedLens.from_model(torch_model)
     torch.manual_seed(0)

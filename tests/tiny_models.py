@@ -4,7 +4,8 @@ Every parameter (norms and biases included) is perturbed away from its initial v
 mistake in any of them (a norm read as 1, a bias dropped, a transposed kernel) shows in the
 comparison. Llama, Mistral and Gemma use a non-default rope_theta, an explicit head_dim that is not
 hidden_size // heads, tied embeddings and grouped-query attention, which transformers' stock Flax
-classes get wrong.
+classes get wrong. jaxlens's native families are set up the same way: GPT-NeoX with partial rotary
+and a non-default base, Qwen2 (attention biases) tied, Qwen3 (q/k norms) untied.
 """
 
 from __future__ import annotations
@@ -65,16 +66,36 @@ def configs() -> dict[str, transformers.PretrainedConfig]:
         "gemma": transformers.GemmaConfig(
             **{**common_llama, "rope_theta": 1000.0}, hidden_activation="gelu_pytorch_tanh"
         ),
+        "gpt_neox": transformers.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            rotary_pct=0.5,
+            rotary_emb_base=2000,
+            use_parallel_residual=True,
+        ),
+        "qwen2": transformers.Qwen2Config(**{**common_llama, "rope_theta": 3000.0}),
+        "qwen3": transformers.Qwen3Config(
+            **{**common_llama, "rope_theta": 4000.0, "tie_word_embeddings": False}
+        ),
     }
 
 
 FAMILIES = tuple(configs())
 
 
-def build(family: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A random PyTorch causal LM of `family` in float32, eval mode, all weights perturbed."""
+def build(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A random PyTorch causal LM of `family` in float32, eval mode, all weights perturbed.
+
+    `overrides` set config attributes first (e.g. `use_parallel_residual=False`).
+    """
     torch.manual_seed(seed)
     config = configs()[family]
+    for key, value in overrides.items():
+        setattr(config, key, value)
     model = transformers.AutoModelForCausalLM.from_config(
         config, torch_dtype=torch.float32, attn_implementation="eager"
     )
@@ -98,6 +119,8 @@ def final_norm_module(model):
         return model.transformer.ln_f
     if family == "opt":
         return model.model.decoder.final_layer_norm
+    if family == "gpt_neox":
+        return model.gpt_neox.final_layer_norm
     return model.model.norm
 
 

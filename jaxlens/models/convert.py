@@ -17,8 +17,11 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 # Buffers that PyTorch checkpoints may carry but that are not parameters (causal-mask and rotary
-# tables of older GPT-2 / GPT-Neo / Llama saves).
+# tables of older GPT-2 / GPT-Neo / GPT-NeoX / Llama saves).
 _BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|attention\.bias|masked_bias|inv_freq)$")
+
+# Top-level names of untied output projections (GPT-NeoX calls its head `embed_out`).
+_HEADS = ("lm_head", "embed_out")
 
 
 class CheckpointMismatchError(ValueError):
@@ -72,7 +75,7 @@ def params_from_torch_names(
         )
         if match is None:
             # A tied head saved anyway: the model reads its unembedding from the embedding.
-            tied_head = parts[0] == "lm_head" and not any(k[0] == "lm_head" for k in expected)
+            tied_head = parts[0] in _HEADS and not any(k[0] == parts[0] for k in expected)
             if not (tied_head or _BUFFERS.search(name)):
                 unexpected.append(name)
             continue
@@ -83,9 +86,15 @@ def params_from_torch_names(
             misshaped.append(f"{name}: checkpoint {tuple(array.shape)}, model expects {want}")
             continue
         filled[key] = value.astype(dtype or expected[key].dtype, copy=False)
-    missing = ["/".join(k) for k in expected if k not in filled]
+    missing = [_torch_name(k) for k in expected if k not in filled]
     _raise_if_mismatched(missing, unexpected, misshaped)
     return unflatten_dict(filled)
+
+
+def _torch_name(key: tuple[str, ...]) -> str:
+    """The PyTorch checkpoint name of a Flax parameter (`.../kernel` -> `....weight`)."""
+    leaf = "weight" if key[-1] in ("kernel", "scale", "embedding") else key[-1]
+    return ".".join((*key[:-1], leaf))
 
 
 def check_tree(params: Mapping, shape_tree: Mapping, dtype=None) -> dict:

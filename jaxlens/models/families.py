@@ -1,8 +1,10 @@
 """The model families jaxlens can look into, and where each keeps what a lens needs.
 
-A family is a transformers `model_type` with a Flax causal-LM class. For each we record where the
-final norm and the unembedding live in the Flax parameter tree, what kind of norm it is, and which
-epsilon it uses, so a lens can decode any layer with the model's own head.
+A family is a transformers `model_type` with a Flax causal-LM class: transformers' own (corrected
+in `flax_fixes` where needed), or jaxlens's native ones for the families transformers has no Flax
+model for (GPT-NeoX in `neox`, Qwen2/Qwen3 in `qwen`). For each we record where the final norm and
+the unembedding live in the Flax parameter tree, what kind of norm it is, and which epsilon it
+uses, so a lens can decode any layer with the model's own head.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import dataclasses
 
 import transformers
 
-from jaxlens.models import flax_fixes
+from jaxlens.models import flax_fixes, native, neox, qwen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,18 @@ FAMILIES: dict[str, Family] = {
         _llama_style("llama", flax_fixes.FixedFlaxLlamaForCausalLM),
         _llama_style("mistral", flax_fixes.FixedFlaxMistralForCausalLM),
         _llama_style("gemma", flax_fixes.FixedFlaxGemmaForCausalLM, norm_kind="gemma_rmsnorm"),
+        Family(
+            name="gpt_neox",
+            flax_class=neox.FlaxGPTNeoXForCausalLM,
+            final_norm=("gpt_neox", "final_layer_norm"),
+            norm_kind="layernorm",
+            norm_scale_name="scale",
+            embedding=("gpt_neox", "embed_in", "embedding"),
+            lm_head=("embed_out",),
+            eps_attr="layer_norm_eps",
+        ),
+        _llama_style("qwen2", qwen.FlaxQwen2ForCausalLM),
+        _llama_style("qwen3", qwen.FlaxQwen3ForCausalLM),
     ]
 }
 
@@ -115,7 +129,8 @@ def require_supported(model_type: str | None) -> None:
     if model_type not in FAMILIES:
         raise ValueError(
             f"Unsupported architecture {model_type!r}: jaxlens supports the model types "
-            f"{', '.join(SUPPORTED)} (transformers' Flax causal LMs)."
+            f"{', '.join(SUPPORTED)} (transformers' Flax causal LMs, and jaxlens's own Flax "
+            "GPT-NeoX, Qwen2 and Qwen3)."
         )
 
 
@@ -136,6 +151,12 @@ def _check_supported_variant(model_type: str, config) -> None:
             problems.append("no final layer norm (do_layer_norm_before=False, as in OPT-350m)")
     if model_type in ("llama", "mistral") and getattr(config, "mlp_bias", False):
         problems.append("mlp_bias=True (the Flax MLP has no biases)")
+    if model_type in ("llama", "mistral", "gemma"):
+        problems += native.unsupported_rope(config)
+    if model_type == "gpt_neox":
+        problems += neox.unsupported_features(config)
+    if model_type in ("qwen2", "qwen3"):
+        problems += qwen.unsupported_features(config)
     if problems:
         raise ValueError(
             f"This {model_type} variant is not supported by jaxlens: {'; '.join(problems)}."

@@ -1,0 +1,194 @@
+"""jaxlens's own Flax GPT-NeoX, Qwen2 and Qwen3 against PyTorch transformers, loaded torch-free."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_models
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from jaxlens import train_lib
+from jaxlens.models import load_model
+from jaxlens.models.convert import CheckpointMismatchError
+
+NATIVE = ("gpt_neox", "qwen2", "qwen3")
+TOL = 1e-5  # float32 against float32
+
+
+def _token_ids(vocab, shape=(2, 12), seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=shape)
+
+
+def _assert_matches_pytorch(torch_model, model, tol=TOL, seed=0):
+    ids = _token_ids(model.vocab_size, seed=seed)
+    with torch.no_grad():
+        want = torch_model(torch.tensor(ids), output_hidden_states=True)
+    got = model(ids)
+    assert len(got.hidden_lbtd) == len(want.hidden_states) == model.num_layers + 1
+    for layer, expected in enumerate(want.hidden_states):
+        np.testing.assert_allclose(
+            got.hidden_lbtd[layer], expected.numpy(), atol=tol, rtol=tol, err_msg=f"layer {layer}"
+        )
+    np.testing.assert_allclose(got.logits_btv, want.logits.numpy(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("shard_size", [None, "20KB"], ids=["single", "sharded"])
+@pytest.mark.parametrize("family", NATIVE)
+def test_hidden_states_and_logits_match_pytorch(family, shard_size, tmp_path):
+    torch_model = tiny_models.build(family, seed=1)
+    directory = tiny_models.save(torch_model, tmp_path, shard_size=shard_size)
+    sharded = (directory / "model.safetensors.index.json").is_file()
+    assert sharded == (shard_size is not None)
+    _assert_matches_pytorch(torch_model, load_model(directory))
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("gpt_neox", {"use_parallel_residual": False}),
+        ("gpt_neox", {"tie_word_embeddings": True, "attention_bias": False}),
+        ("gpt_neox", {"hidden_act": "gelu_new", "rotary_pct": 1.0, "partial_rotary_factor": 1.0}),
+        ("qwen2", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
+        ("qwen3", {"tie_word_embeddings": True, "attention_bias": True}),
+    ],
+    ids=[
+        "neox-serial",
+        "neox-tied-nobias",
+        "neox-gelu_new-full-rotary",
+        "qwen2-untied",
+        "qwen3-tied-bias",
+    ],
+)
+def test_variants_match_pytorch(family, overrides, tmp_path):
+    torch_model = tiny_models.build(family, seed=2, **overrides)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    tied = bool(overrides.get("tie_word_embeddings", torch_model.config.tie_word_embeddings))
+    assert (model.family.lm_head[0] in model.params) != tied
+    _assert_matches_pytorch(torch_model, model)
+
+
+@pytest.mark.parametrize("family", NATIVE)
+def test_final_norm_and_unembed_match_pytorch_modules(family, tmp_path):
+    torch_model = tiny_models.build(family, seed=3)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    h = np.random.default_rng(1).normal(size=(5, model.d_model)).astype(np.float32) * 3
+    with torch.no_grad():
+        normed = tiny_models.final_norm_module(torch_model)(torch.tensor(h)).numpy()
+        logits = torch_model.get_output_embeddings()(torch.tensor(h)).numpy()
+    np.testing.assert_allclose(model.final_norm(h), normed, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(model.unembed(h), logits, atol=TOL, rtol=TOL)
+
+
+# 16-bit checkpoints -------------------------------------------------------------------------
+
+# Loaded into float32 the rounded weights are exact, so parity stays at TOL. Computing in
+# bfloat16 (8 mantissa bits) rounds every activation: logits then differ from the float32
+# reference by about 1% of their range (measured 0.8-1.6% here).
+BF16_RELATIVE_TOL = 3e-2
+
+
+@pytest.mark.parametrize("checkpoint_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("family", NATIVE)
+def test_16_bit_checkpoints_load(family, checkpoint_dtype, tmp_path):
+    torch_model = tiny_models.build(family, seed=4).to(getattr(torch, checkpoint_dtype))
+    directory = tiny_models.save(torch_model, tmp_path)
+    stored = load_file(directory / "model.safetensors")
+    assert {str(a.dtype) for a in stored.values()} == {checkpoint_dtype}
+    # The same rounded weights computing in float32 (reloaded: `.float()` on the 16-bit model
+    # would keep its rotary frequencies rounded to 16 bits).
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    _assert_matches_pytorch(reference, load_model(directory))
+
+    model_bf16 = load_model(directory, dtype=jnp.bfloat16)
+    ids = _token_ids(model_bf16.vocab_size)
+    got = np.asarray(model_bf16(ids).logits_btv, np.float32)
+    with torch.no_grad():
+        want = reference(torch.tensor(ids)).logits.numpy()
+    relative = np.abs(got - want).max() / np.abs(want).max()
+    assert relative < BF16_RELATIVE_TOL, relative
+
+
+# Checkpoints that do not fit --------------------------------------------------------------
+
+
+def _edit_checkpoint(directory, edit):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("family", NATIVE)
+@pytest.mark.parametrize("problem", ["missing", "unexpected", "wrong shape"])
+def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_tensor(family, problem, tmp_path):
+    directory = tiny_models.save(tiny_models.build(family), tmp_path)
+    prefix = "gpt_neox.layers.1.attention" if family == "gpt_neox" else "model.layers.1.self_attn"
+    name = f"{prefix}.dense.weight" if family == "gpt_neox" else f"{prefix}.o_proj.weight"
+    if problem == "missing":
+        _edit_checkpoint(directory, lambda t: t.pop(name))
+    elif problem == "unexpected":
+        name = f"{prefix}.extra.weight"
+        _edit_checkpoint(directory, lambda t: t.update({name: np.zeros((2, 2), np.float32)}))
+    else:
+        _edit_checkpoint(directory, lambda t: t.update({name: t[name][:, :-1].copy()}))
+    with pytest.raises(CheckpointMismatchError, match=f"{problem} tensors: .*{name}"):
+        load_model(directory)
+
+
+def test_pytorch_buffers_in_old_neox_checkpoints_are_ignored(tmp_path):
+    torch_model = tiny_models.build("gpt_neox", seed=5)
+    directory = tiny_models.save(torch_model, tmp_path)
+    buffers = {
+        "gpt_neox.layers.0.attention.bias": np.tril(np.ones((1, 1, 64, 64), bool)),
+        "gpt_neox.layers.0.attention.masked_bias": np.array(-1e9, np.float32),
+        "gpt_neox.layers.0.attention.rotary_emb.inv_freq": np.ones(2, np.float32),
+    }
+    _edit_checkpoint(directory, lambda t: t.update(buffers))
+    _assert_matches_pytorch(torch_model, load_model(directory))
+
+
+@pytest.mark.parametrize(
+    "family,overrides,message",
+    [
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4}, "use_sliding_window=True"),
+        ("qwen3", {"use_sliding_window": True, "sliding_window": 4}, "use_sliding_window=True"),
+        ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling .*yarn"),
+        ("gpt_neox", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
+        ("gpt_neox", {"hidden_act": "mish"}, "hidden_act 'mish'"),
+        # transformers' Flax Llama family is checked the same way, at load and not at trace time.
+        ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling .*yarn"),
+    ],
+)
+def test_unsupported_variants_are_refused(family, overrides, message, tmp_path):
+    directory = tiny_models.save(tiny_models.build(family), tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(overrides)
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{family} variant is not supported.*{message}"):
+        load_model(directory)
+
+
+# Training and evaluation ------------------------------------------------------------------
+
+
+def test_a_tuned_lens_trains_and_evaluates_on_tiny_neox(tokenizer, text_dir, tmp_path):
+    from conftest import save_tiny_lm
+
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.model.source = str(save_tiny_lm(tmp_path / "neox", "gpt_neox", tokenizer))
+    config.data.source = str(text_dir)
+    config.num_steps = 3
+    result = train_lib.train_and_evaluate(config, tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["loss_nats_mean"] < records[0]["loss_nats_mean"]
+    for lens in ("logit", "tuned"):
+        assert len(result[lens]["kl_nats"]) == 3 and np.isfinite(result[lens]["kl_nats"]).all()
+    assert np.mean(result["tuned"]["kl_nats"]) < np.mean(result["logit"]["kl_nats"])
