@@ -192,3 +192,44 @@ def test_a_tuned_lens_trains_and_evaluates_on_tiny_neox(tokenizer, text_dir, tmp
     for lens in ("logit", "tuned"):
         assert len(result[lens]["kl_nats"]) == 3 and np.isfinite(result[lens]["kl_nats"]).all()
     assert np.mean(result["tuned"]["kl_nats"]) < np.mean(result["logit"]["kl_nats"])
+
+
+_SHARDED_FORWARD = """
+import sys
+import jax
+import numpy as np
+from jaxlens.models import load_model
+from jaxlens.sharding import make_mesh, model_param_shardings, put
+
+model = load_model(sys.argv[1])
+ids = np.random.default_rng(0).integers(0, model.vocab_size, size=(2, 12))
+mesh = make_mesh(1, 4)
+shardings = model_param_shardings(model.params, mesh, shard=True)
+split = [s for s in jax.tree.leaves(shardings) if "model" in s.spec]
+assert len(split) >= 2 * model.num_layers, len(split)
+params = put(model.params, shardings)
+sharded = jax.jit(model.apply)(params, ids)
+whole = model.apply(model.params, ids)
+np.testing.assert_allclose(sharded.hidden_lbtd, whole.hidden_lbtd, atol=1e-5, rtol=1e-5)
+np.testing.assert_allclose(sharded.logits_btv, whole.logits_btv, atol=1e-5, rtol=1e-5)
+print("ok", len(split))
+"""
+
+
+@pytest.mark.parametrize("family", NATIVE)
+def test_weights_split_over_the_model_axis_give_the_same_forward(family, tmp_path):
+    """Four simulated devices, every weight matrix split over "model" (for models too large for
+    one chip): the same hidden states and logits as unsplit."""
+    import os
+    import subprocess
+    import sys
+
+    directory = tiny_models.save(tiny_models.build(family, seed=2), tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED_FORWARD, str(directory)],
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")
