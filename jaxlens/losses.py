@@ -10,12 +10,15 @@ The unembedding is the expensive part (`tokens x d x V` per layer). `_soft_cross
 it with the loss: its forward pass also computes the gradient with respect to the normalised
 input, `(softmax(z) - p) U`, while the `[chunk, V]` probabilities are at hand, and keeps only that
 `[chunk, d]` array for the backward pass. So each layer costs two `V x d` matmuls per token in
-total, and no `[chunk, V]` array outlives its chunk.
+total, and no `[chunk, V]` array outlives its chunk. The target distribution enters each layer
+only through `p U` (`[chunk, d]`, computed once per chunk), so a layer reads no `[chunk, V]`
+array but its own logits.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +38,8 @@ def _soft_cross_entropy(kind, x_cd, unembed_vd, bias_v, target, weight_c):
     """Weighted sum over the chunk of -sum_v p log softmax(z), z = x U^T + c.
 
     Args:
-      kind: "kl" (target is the probabilities p `[c, V]`) or "ce" (target is token ids `[c]`).
+      kind: "kl" (target p is a distribution, given as `_target_moments`) or "ce" (target is
+        token ids `[c]`).
       x_cd: normalised lens hidden states, float32 `[c, d]`.
       unembed_vd, bias_v: the model's unembedding `[V, d]` and lm_head bias `[V]` or None.
       target: see `kind`.
@@ -46,26 +50,40 @@ def _soft_cross_entropy(kind, x_cd, unembed_vd, bias_v, target, weight_c):
     return _forward(kind, x_cd, unembed_vd, bias_v, target, weight_c)[0]
 
 
+def _target_moments(p_cv, unembed_vd, bias_v):
+    """What every layer needs of a target distribution p `[c, V]`, computed once per chunk:
+    `p U` `[c, d]` and `p . c` `[c]` (0 without a bias). Then `sum_v p_v z_v = x . pU + p . c`
+    and the gradient's `p U` term need no `[c, V]` pass per layer."""
+    p_u_cd = jnp.einsum(
+        "cv,vd->cd", p_cv.astype(unembed_vd.dtype), unembed_vd, preferred_element_type=jnp.float32
+    )
+    p_bias_c = jnp.zeros(p_cv.shape[0]) if bias_v is None else p_cv @ bias_v.astype(jnp.float32)
+    return p_u_cd, p_bias_c
+
+
 def _forward(kind, x_cd, unembed_vd, bias_v, target, weight_c):
     # With lse = logsumexp(z): -sum_v p log softmax(z) = lse - sum_v p z (as sum_v p = 1), and
-    # its gradient in z is softmax(z) - p. One exp per logit; no [c, V] log-probabilities.
+    # its gradient in x is (softmax(z) - p) U = (e U) / sum(e) - p U with e = exp(z - max z).
+    # Per layer that is one exp per logit and two passes over the [c, V] logits besides the two
+    # matmuls; the target's terms come from `_target_moments` ([c, d]) or one gathered logit.
     z = _logits(x_cd, unembed_vd, bias_v)
     peak = jax.lax.stop_gradient(z.max(-1, keepdims=True))
     e = jnp.exp(z - peak)
     total = e.sum(-1, keepdims=True)
     lse_c = (peak + jnp.log(total))[:, 0]
-    q = e / total
-    if kind == "kl":
-        cross_c = lse_c - (target * z).sum(-1)
-        dz = q - target
-    else:
-        rows = jnp.arange(z.shape[0])
-        cross_c = lse_c - z[rows, target]
-        dz = q.at[rows, target].add(-1.0)
-    # d(sum_c w_c cross_c)/dx = w_c (q - p) U: computed now, while q is at hand.
-    dx_cd = jnp.einsum(
-        "cv,vd->cd", dz.astype(unembed_vd.dtype), unembed_vd, preferred_element_type=jnp.float32
+    q_u_cd = (
+        jnp.einsum(
+            "cv,vd->cd", e.astype(unembed_vd.dtype), unembed_vd, preferred_element_type=jnp.float32
+        )
+        / total
     )
+    if kind == "kl":
+        p_u_cd, p_bias_c = target
+        cross_c = lse_c - (x_cd * p_u_cd).sum(-1) - p_bias_c
+        dx_cd = q_u_cd - p_u_cd
+    else:
+        cross_c = lse_c - jnp.take_along_axis(z, target[:, None], axis=-1)[:, 0]
+        dx_cd = q_u_cd - unembed_vd[target].astype(jnp.float32)
     return (cross_c * weight_c).sum(), dx_cd * weight_c[:, None]
 
 
@@ -143,8 +161,9 @@ def layer_losses(
             log_p = jax.lax.stop_gradient(
                 jax.nn.log_softmax(decoder.unembed(target_c.astype(jnp.float32)))
             )
-            target_c = jnp.exp(log_p)  # p, computed once per chunk for all layers
-            neg_entropy = (weight_c * (target_c * log_p).sum(-1)).sum()
+            p_cv = jnp.exp(log_p)
+            neg_entropy = (weight_c * (p_cv * log_p).sum(-1)).sum()
+            target_c = _target_moments(p_cv, decoder.unembed_vd, decoder.unembed_bias_v)
         else:
             neg_entropy = 0.0
 
@@ -198,6 +217,34 @@ def _evaluation_chunks(h_lbtd, input_ids_bt, chunk):
     )
 
 
+class _Stats(NamedTuple):
+    """Per-token facts of logits z `[c, V]`, kept free of large offsets for float32 accuracy:
+    `shifted = z - max z`, `log_total = log sum exp(shifted)` (so lse = max z + log_total),
+    next-token cross-entropy `ce` and the entropy of softmax(z)."""
+
+    shifted: jax.Array
+    log_total: jax.Array
+    ce: jax.Array
+    entropy: jax.Array
+
+
+def _softmax_stats(z_cv: jax.Array, labels_c: jax.Array) -> _Stats:
+    # Entropy as log_total - sum_v q_v shifted_v rather than lse - sum_v q_v z_v: the latter
+    # cancels two numbers of the logits' size and loses digits when logits are large.
+    shifted = z_cv - jax.lax.stop_gradient(z_cv.max(-1, keepdims=True))
+    e = jnp.exp(shifted)
+    total = e.sum(-1)
+    log_total = jnp.log(total)
+    ce = log_total - jnp.take_along_axis(shifted, labels_c[:, None], axis=-1)[:, 0]
+    entropy = log_total - (e * shifted).sum(-1) / total
+    return _Stats(shifted, log_total, ce, entropy)
+
+
+def _cross_term(p_cv: jax.Array, stats: _Stats) -> jax.Array:
+    """sum_v p_v log q_v for the distribution q the stats describe (-cross-entropy from p)."""
+    return (p_cv * stats.shifted).sum(-1) - stats.log_total
+
+
 def layer_metrics(
     lens: TunedLens,
     h_lbtd: jax.Array,
@@ -223,30 +270,30 @@ def layer_metrics(
     chunks = (h_chunks, final, labels, weights, next_weights)
     decoder, translators = lens.decoder, lens.translators
 
-    def stats(z, labels):
-        lse = jax.nn.logsumexp(z, axis=-1)
-        q = jnp.exp(z - lse[:, None])
-        ce = lse - jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
-        return lse, q, ce, lse - (q * z).sum(-1)
-
     def one_chunk(totals, xs):
         h_lcd, final_cd, labels_c, weight_c, next_weight_c = xs
-        z_final = decoder.unembed(final_cd.astype(jnp.float32))
-        lse_p, p, base_ce, base_entropy = stats(z_final, labels_c)
-        neg_entropy_c = -base_entropy
+        model_stats = _softmax_stats(decoder.unembed(final_cd.astype(jnp.float32)), labels_c)
+        # The model's own distribution p, once per chunk for all layers.
+        p = jnp.exp(model_stats.shifted - model_stats.log_total[:, None])
+        neg_entropy_c = -model_stats.entropy
 
         def one_layer(_, layer_xs):
-            z = decoder(translate(*layer_xs))
-            lse, _, ce, entropy = stats(z, labels_c)
-            kl = neg_entropy_c + lse - (p * z).sum(-1)
+            lens_stats = _softmax_stats(decoder(translate(*layer_xs)), labels_c)
+            kl = neg_entropy_c - _cross_term(p, lens_stats)
             return None, jnp.stack(
-                [(kl * weight_c).sum(), (ce * next_weight_c).sum(), (entropy * weight_c).sum()]
+                [
+                    (kl * weight_c).sum(),
+                    (lens_stats.ce * next_weight_c).sum(),
+                    (lens_stats.entropy * weight_c).sum(),
+                ]
             )
 
         _, sums_l3 = jax.lax.scan(
             one_layer, None, (translators.kernel_ldd, translators.bias_ld, h_lcd)
         )
-        base = jnp.stack([(base_ce * next_weight_c).sum(), (base_entropy * weight_c).sum()])
+        base = jnp.stack(
+            [(model_stats.ce * next_weight_c).sum(), (model_stats.entropy * weight_c).sum()]
+        )
         return jax.tree.map(jnp.add, totals, (sums_l3, base)), None
 
     zeros = (jnp.zeros((num_layers, 3), jnp.float32), jnp.zeros(2, jnp.float32))
@@ -284,16 +331,14 @@ def transfer_metrics(
 
         def one_layer(_, layer_xs):  # layer j: its own distribution, then every translator i
             kernel_dd, bias_d, h_cd = layer_xs
-            own = jax.nn.log_softmax(decoder(translate(kernel_dd, bias_d, h_cd)))
-            p = jnp.exp(own)
-            neg_entropy_c = (p * own).sum(-1)
+            own = _softmax_stats(decoder(translate(kernel_dd, bias_d, h_cd)), labels_c)
+            p = jnp.exp(own.shifted - own.log_total[:, None])
+            neg_entropy_c = -own.entropy
 
             def one_translator(_, translator_xs):
-                z = decoder(translate(*translator_xs, h_cd))
-                lse = jax.nn.logsumexp(z, axis=-1)
-                ce = lse - jnp.take_along_axis(z, labels_c[:, None], axis=-1)[:, 0]
-                kl = neg_entropy_c + lse - (p * z).sum(-1)
-                return None, jnp.stack([(ce * next_weight_c).sum(), (kl * weight_c).sum()])
+                moved = _softmax_stats(decoder(translate(*translator_xs, h_cd)), labels_c)
+                kl = neg_entropy_c - _cross_term(p, moved)
+                return None, jnp.stack([(moved.ce * next_weight_c).sum(), (kl * weight_c).sum()])
 
             _, sums_i2 = jax.lax.scan(one_translator, None, (bank.kernel_ldd, bank.bias_ld))
             return None, sums_i2

@@ -208,3 +208,29 @@ def test_evaluation_sharded_over_four_devices_equals_one_device(tiny_lm, text_di
             for layer, value in one[lens][metric].items():
                 assert four[lens][metric][layer] == pytest.approx(value, rel=1e-5, abs=1e-6)
     assert one["tuned"]["kl"] != one["logit"]["kl"]  # the lens is not the identity
+
+
+def test_metrics_keep_their_digits_when_all_logits_are_large(tmp_path):
+    """Adding a constant to every logit changes no distribution, so no metric may move; a
+    formula that subtracts two logit-sized numbers (lse - sum q z) would lose ~1e-4 here."""
+    import dataclasses
+
+    torch_model = tiny_models.build("gptj", seed=23)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    ids = np.random.default_rng(2).integers(0, model.vocab_size, size=(2, 8))
+    translators = tiny_models.random_translators(model.num_layers, model.d_model, seed=4)
+    hidden = model(ids).hidden_lbtd
+    decoder = model.decoder()
+    shifted = dataclasses.replace(decoder, unembed_bias_v=decoder.unembed_bias_v + 3000.0)
+    results = [
+        layer_metrics(
+            TunedLens(decoder=d, translators=translators),
+            hidden[:-1],
+            hidden[-1],
+            jnp.asarray(ids),
+            chunk_tokens=7,
+        )
+        for d in (decoder, shifted)
+    ]
+    for key in results[0]:
+        np.testing.assert_allclose(results[1][key], results[0][key], rtol=1e-5, atol=2e-6)

@@ -28,9 +28,28 @@ def _translators(model, seed, scale=0.05):
     return tiny_models.random_translators(model.num_layers, model.d_model, seed=seed, scale=scale)
 
 
-@pytest.mark.parametrize("loss,chunk", [("kl", 7), ("kl", 4096), ("ce", 5)])
-def test_chunked_losses_and_gradients_equal_the_plain_reference(gpt2, loss, chunk):
-    _, model, ids = gpt2
+@pytest.fixture(scope="module")
+def gptj(tmp_path_factory):
+    """GPT-J: its lm_head has a bias, which enters the fused loss through `p . bias`."""
+    torch_model = tiny_models.build("gptj", seed=12)
+    model = load_model(tiny_models.save(torch_model, tmp_path_factory.mktemp("gptj")))
+    assert model.decoder().unembed_bias_v is not None
+    ids = np.random.default_rng(1).integers(0, model.vocab_size, size=(3, 9)).astype(np.int32)
+    return torch_model, model, ids
+
+
+@pytest.mark.parametrize(
+    "family,loss,chunk",
+    [
+        ("gpt2", "kl", 7),
+        ("gpt2", "kl", 4096),
+        ("gpt2", "ce", 5),
+        ("gptj", "kl", 6),
+        ("gptj", "ce", 8),
+    ],
+)
+def test_chunked_losses_and_gradients_equal_the_plain_reference(family, loss, chunk, request):
+    _, model, ids = request.getfixturevalue(family)
     hidden = model(ids).hidden_lbtd
     decoder = model.decoder()
 
