@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jaxlens-installed
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test bench lint format clean
 
 setup: $(STAMP)
 
@@ -19,17 +19,20 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(PY) -m jaxlens.train --config=configs/smollm2_shakespeare.py --workdir=$(DEMO_WORKDIR)
 
+bench: setup
+	$(PY) -m bench.run
+
 test: setup
-	$(PY) -m ruff check jaxlens tests configs
-	$(PY) -m ruff format --check jaxlens tests configs
+	$(PY) -m ruff check jaxlens tests configs bench
+	$(PY) -m ruff format --check jaxlens tests configs bench
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check jaxlens tests configs
+	$(PY) -m ruff check jaxlens tests configs bench
 
 format: setup
-	$(PY) -m ruff format jaxlens tests configs
-	$(PY) -m ruff check --fix jaxlens tests configs
+	$(PY) -m ruff format jaxlens tests configs bench
+	$(PY) -m ruff check --fix jaxlens tests configs bench
 
 clean:
 	rm -rf $(VENV)
