@@ -26,7 +26,7 @@ from jaxlens.checkpointing import Checkpointer
 from jaxlens.lens import Translators
 from jaxlens.models import SubjectModel, load_model
 from jaxlens.optim import optimizer_from_config
-from jaxlens.sharding import bank_shardings, make_mesh, model_param_shardings
+from jaxlens.sharding import bank_shardings, make_mesh, model_param_shardings, put
 from jaxlens.step import TrainState, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -179,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     optimizer, schedule = optimizer_from_config(config)
     replicated = NamedSharding(mesh, P())
     param_shardings = model_param_shardings(model.params, mesh, config.mesh.shard_model_params)
-    model_params = jax.device_put(model.params, param_shardings)
+    model_params = put(model.params, param_shardings)
 
     start_bank = initial_translators(config, model)
 
