@@ -1,16 +1,16 @@
 """Saving and resuming a tuned-lens training run with Orbax (the only module that imports it).
 
-A run's checkpoint directory (the caller passes `workdir/"checkpoints"`) holds one Orbax step
-directory per saved step with three items: "state", the training state (any pytree of arrays,
-possibly sharded, saved and restored by Orbax's standard pytree handler); "extra", a small JSON
-dict the caller owns (the data position); and "checksums", two 32-bit sums per array computed on
-device at save time. Orbax detects truncated or missing files but restores flipped bits inside
-large arrays' data silently, so `restore` recomputes the sums and treats a mismatch like any other
-unreadable checkpoint: it warns and falls back to the previous step. Beside the steps sits
-`run_metadata.json`, the run's fixed description (model, shapes, lens type), written once by
-process 0; a `Checkpointer` refuses a directory whose checkpoints were written for a different
-lens rather than resuming into the wrong shape or meaning. Every process calls `save` and
-`restore` (Orbax coordinates the hosts); saves are asynchronous until `wait` or `close`.
+A run's checkpoint directory (`workdir/"checkpoints"`) holds one Orbax step directory per saved
+step: one item per array tree the caller names (training saves "translators", the lens, apart
+from "optim", the step counter and optimizer state, so reading a lens needs no optimizer), each
+in Orbax's standard pytree format; "extra", a small JSON dict the caller owns (the data
+position); and "checksums", two 32-bit sums per array (`checksums`), because Orbax restores
+flipped bits inside large arrays silently. A step that fails to read or to match its sums is
+reported and `restore` falls back to the previous one. Beside the steps, `run_metadata.json`
+(model, shapes, lens type), written once by process 0, lets a `Checkpointer` refuse checkpoints
+of a different lens instead of resuming into the wrong shape or meaning. Every process calls
+`save` and `restore` (Orbax coordinates hosts); saves are asynchronous until `wait` or `close`.
+Opened without `metadata`, a Checkpointer only reads.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from jaxlens.checksums import checksums_of
 
 METADATA_FILENAME = "run_metadata.json"
 # Metadata keys that may change between a run and its resumption without changing what the
@@ -42,8 +43,11 @@ class CheckpointReadError(RuntimeError):
     """No checkpoint (or not the one asked for) could be read."""
 
 
+ITEMS = ("translators", "optim")  # the array trees of a training checkpoint
+
+
 class Checkpointer:
-    """Periodic, pruned, resumable checkpoints of a training state plus a JSON `extra` dict.
+    """Periodic, pruned, resumable checkpoints of named array trees plus a JSON `extra` dict.
 
     Use as a context manager (or call `close`) so that the last asynchronous save completes.
     """
@@ -52,9 +56,10 @@ class Checkpointer:
         self,
         directory: epath.PathLike,
         *,
-        save_every: int,
-        keep: int,
-        metadata: Mapping[str, Any],
+        metadata: Mapping[str, Any] | None = None,
+        save_every: int = 1,
+        keep: int = 1,
+        items: Collection[str] = ITEMS,
         compare_keys: Collection[str] | None = None,
         free_keys: Collection[str] = DEFAULT_FREE_KEYS,
     ):
@@ -63,9 +68,11 @@ class Checkpointer:
         Args:
             directory: where the step directories and `run_metadata.json` live; local or any
                 path `etils.epath` understands (e.g. `gs://`).
+            metadata: the run's fixed description, JSON-serialisable; None opens the directory
+                for reading only (no check, nothing written, `save` refused).
             save_every: `save` writes a checkpoint at steps divisible by this (or when forced).
             keep: how many of the newest checkpoints to keep; older ones are deleted.
-            metadata: the run's fixed description, JSON-serialisable.
+            items: the names of the array trees a step holds.
             compare_keys: the metadata keys that must match existing checkpoints; default: all
                 keys of either side except `free_keys`.
             free_keys: keys that may differ when `compare_keys` is None.
@@ -81,8 +88,11 @@ class Checkpointer:
         if not self._directory.is_absolute():  # Orbax rejects relative paths (--workdir=runs/x)
             self._directory = self._directory.absolute()
         self._save_every = save_every
+        self._items = tuple(items)
         # A JSON round trip makes tuples and lists compare equal to what the file holds.
-        self._metadata = json.loads(_to_json(dict(metadata), "metadata"))
+        self._metadata = (
+            None if metadata is None else json.loads(_to_json(dict(metadata), "metadata"))
+        )
         self._compare_keys = None if compare_keys is None else frozenset(compare_keys)
         self._free_keys = frozenset(free_keys)
         # Steps whose content belongs to this run: written by this object, or the one it
@@ -93,15 +103,12 @@ class Checkpointer:
         self._unreadable_steps: set[int] = set()
 
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        for item, args in (
-            ("state", ocp.args.StandardSave),
-            ("state", ocp.args.StandardRestore),
-            ("extra", ocp.args.JsonSave),
-            ("extra", ocp.args.JsonRestore),
-            ("checksums", ocp.args.JsonSave),
-            ("checksums", ocp.args.JsonRestore),
-        ):
-            registry.add(item, args)
+        for item in self._items:
+            registry.add(item, ocp.args.StandardSave)
+            registry.add(item, ocp.args.StandardRestore)
+        for item in ("extra", "checksums"):
+            registry.add(item, ocp.args.JsonSave)
+            registry.add(item, ocp.args.JsonRestore)
         options = ocp.CheckpointManagerOptions(
             # `save` decides itself (and always forces), so that a step which is not a
             # multiple of `save_every`, e.g. the final one, is saved when asked.
@@ -109,9 +116,13 @@ class Checkpointer:
             # The run metadata is our own file, checked before anything is written.
             save_root_metadata=False,
         )
+        if metadata is None and not self._directory.is_dir():
+            raise CheckpointReadError(f"There is no checkpoint directory at {self._directory}.")
         self._manager = ocp.CheckpointManager(
             self._directory, options=options, handler_registry=registry
         )
+        if metadata is None:
+            return
         try:
             self.check_compatible()
         except IncompatibleCheckpointError:
@@ -167,15 +178,22 @@ class Checkpointer:
         """The newest saved step, or None if there is none."""
         return max(self.all_steps(), default=None)
 
-    def save(self, step: int, state: Any, extra: Mapping[str, Any], *, force: bool = False) -> bool:
-        """Starts saving `state` and `extra` as `step` if it is due; returns whether it did.
+    def save(
+        self,
+        step: int,
+        arrays: Mapping[str, Any],
+        extra: Mapping[str, Any],
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving `arrays` and `extra` as `step` if it is due; returns whether it did.
 
         All processes must call this. The arrays are copied off the device before this returns,
-        so `state` may be donated afterwards; the write finishes in the background.
+        so they may be donated afterwards; the write finishes in the background.
 
         Args:
-            step: the number of optimizer steps `state` has taken.
-            state: a pytree of arrays.
+            step: the number of optimizer steps the arrays have taken.
+            arrays: one pytree of arrays for each of the Checkpointer's `items`.
             extra: a JSON-serialisable dict restored alongside (e.g. the data position).
             force: save even if `step` is not a multiple of `save_every` (the final step).
 
@@ -186,6 +204,10 @@ class Checkpointer:
         Raises:
             ValueError: the directory holds a checkpoint at or after `step` from another run.
         """
+        if self._metadata is None:
+            raise ValueError(f"{self._directory} was opened for reading only (no metadata).")
+        if set(arrays) != set(self._items):
+            raise ValueError(f"save needs the items {self._items}; got {sorted(arrays)}.")
         if not force and step % self._save_every != 0:
             return False
         for bad in sorted(self._unreadable_steps & set(self.all_steps())):
@@ -201,13 +223,12 @@ class Checkpointer:
                 "from another run, and mixing the two would resume the wrong one. Restore the "
                 "latest step before training, or choose a new --workdir."
             )
-        checksums = _checksums(state)
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                **{name: ocp.args.StandardSave(tree) for name, tree in arrays.items()},
                 extra=ocp.args.JsonSave(json.loads(_to_json(dict(extra), "extra"))),
-                checksums=ocp.args.JsonSave(checksums),
+                checksums=ocp.args.JsonSave(checksums_of(arrays)),
             ),
             # Orbax's own policy would skip steps that are not after its latest one.
             force=True,
@@ -216,23 +237,23 @@ class Checkpointer:
         return True
 
     def restore(
-        self, abstract_state: Any, step: int | None = None
-    ) -> tuple[Any, dict[str, Any], int]:
-        """Restores a checkpoint, placed and sharded as `abstract_state` asks.
+        self, abstract: Mapping[str, Any], step: int | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """Restores the items named in `abstract`, placed and sharded as it asks.
 
         With `step=None`, tries the newest step first; an unreadable one (missing or truncated
         files, data that fails its checksum) is logged as a warning and the next older one is
         tried. All processes must call this.
 
         Args:
-            abstract_state: the state's pytree of `jax.ShapeDtypeStruct`, each with the
-                `sharding` the restored array should have (e.g. from `jax.eval_shape`); leaves
-                without one are placed on the default device.
+            abstract: for each item to read (any subset of `items`), its pytree of
+                `jax.ShapeDtypeStruct`, each with the `sharding` the restored array should have
+                (e.g. from `jax.eval_shape`); leaves without one go to the default device.
             step: the step to restore (no fallback), or None for the newest readable one.
 
         Returns:
-            `(state, extra, step)`: the restored pytree, the `extra` dict saved with it, and its
-            step.
+            `(arrays, extra, step)`: the restored pytree of each item asked for, the `extra`
+            dict saved with them, and their step.
 
         Raises:
             IncompatibleCheckpointError: the stored arrays' structure, shapes or dtypes differ
@@ -252,7 +273,7 @@ class Checkpointer:
         failures, failed_steps = [], []
         for candidate in candidates:
             try:
-                restored = self._restore_step(abstract_state, candidate)
+                restored = self._restore_step(abstract, candidate)
             except IncompatibleCheckpointError:
                 raise
             # Orbax and TensorStore report damage with many exception types (ValueError,
@@ -280,29 +301,35 @@ class Checkpointer:
             + "\nDelete the damaged step directories to start over, or restore from a copy."
         )
 
-    def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict[str, Any], int]:
+    def _restore_step(self, abstract: Mapping[str, Any], step: int):
+        unknown = set(abstract) - set(self._items)
+        if unknown:
+            raise ValueError(f"restore can read the items {self._items}; got {sorted(unknown)}.")
         item_metadata = self._manager.metadata(step).item_metadata
-        stored = None if item_metadata is None else item_metadata.get("state")
-        if stored is None:
-            raise CheckpointReadError("its array metadata is missing")
-        _check_shapes(stored.tree, abstract_state, self._directory, step)
+        stored = {}
+        for name in abstract:
+            stored[name] = None if item_metadata is None else item_metadata.get(name)
+            if stored[name] is None:
+                raise CheckpointReadError(f"the array metadata of {name!r} is missing")
+        _check_shapes({k: v.tree for k, v in stored.items()}, abstract, self._directory, step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()},
                 extra=ocp.args.JsonRestore(),
                 checksums=ocp.args.JsonRestore(),
             ),
         )
-        actual = _checksums(restored.state)
+        arrays = {name: restored[name] for name in abstract}
+        actual = checksums_of(arrays)
+        # Only the items read are checked; the others' sums stay in the file for their readers.
+        stored_sums = {k: v for k, v in restored.checksums.items() if k.split("/")[0] in arrays}
         bad = sorted(
-            k
-            for k in actual.keys() | restored.checksums.keys()
-            if actual.get(k) != restored.checksums.get(k)
+            k for k in actual.keys() | stored_sums.keys() if actual.get(k) != stored_sums.get(k)
         )
         if bad:
             raise CheckpointReadError(f"array data fails its checksum: {', '.join(bad)}")
-        return restored.state, dict(restored.extra), step
+        return arrays, dict(restored.extra), step
 
     def wait(self) -> None:
         """Blocks until every started save is complete on disk."""
@@ -320,14 +347,15 @@ class Checkpointer:
         self.close()
 
 
-def _check_shapes(stored_tree: Any, abstract_state: Any, directory: epath.Path, step: int):
-    """Raises IncompatibleCheckpointError unless the stored arrays match `abstract_state`.
+def _check_shapes(stored_items, abstract_items, directory: epath.Path, step: int):
+    """Raises IncompatibleCheckpointError unless the stored arrays match `abstract_items`
+    (`{item: pytree}` both), naming every array that does not fit.
 
     Orbax would refuse most shape mismatches too, but with a ValueError indistinguishable from
     damaged data, which `restore` would then skip over instead of reporting.
     """
-    stored = ocp.tree.to_flat_dict(stored_tree)
-    wanted = ocp.tree.to_flat_dict(abstract_state)
+    stored = ocp.tree.to_flat_dict(dict(stored_items))
+    wanted = ocp.tree.to_flat_dict(dict(abstract_items))
     problems = [f"  {'.'.join(k)}: only in the checkpoint" for k in stored.keys() - wanted.keys()]
     problems += [f"  {'.'.join(k)}: not in the checkpoint" for k in wanted.keys() - stored.keys()]
     for key in stored.keys() & wanted.keys():
@@ -344,43 +372,6 @@ def _check_shapes(stored_tree: Any, abstract_state: Any, directory: epath.Path, 
             + "\nRestore with the configuration the run was started with, or choose a new "
             "--workdir."
         )
-
-
-@jax.jit
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-    """Two wrapping uint32 sums of `x`'s bits: plain (any single flipped bit changes it) and
-    position-weighted (moved or swapped words change it). Not cryptographic; it detects damage."""
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    if x.dtype == jnp.bool_:
-        words = x.astype(jnp.uint32)
-    elif x.dtype.itemsize >= 4:  # 64-bit types gain a trailing axis of two words
-        words = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    else:
-        unsigned = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
-        words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-    # The row-major position of each word, built from iotas rather than by flattening, so a
-    # sharded array is summed where it lies and only two scalars cross devices.
-    strides = np.cumprod((words.shape + (1,))[:0:-1])[::-1] if words.ndim else ()
-    position = jnp.ones(words.shape, jnp.uint32)
-    for axis, stride in enumerate(strides):
-        iota = jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
-        position = position + iota * np.uint32(stride % 2**32)
-    return jnp.stack([words.sum(dtype=jnp.uint32), (words * position).sum(dtype=jnp.uint32)])
-
-
-def _checksums(state: Any) -> dict[str, list[int]]:
-    """`{key path: [sum, weighted sum]}` of every array in `state`, computed on device.
-
-    One jitted call per leaf rather than one for the tree: leaves may live on different devices
-    (a step counter on one device, translators sharded over a mesh), which one call rejects.
-    """
-    sums = {
-        jax.tree_util.keystr(path): _leaf_checksum(leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
-    }
-    # Each sum is replicated on its leaf's devices, so any local copy is the global value.
-    return {key: [int(v) for v in jax.device_get(s.addressable_data(0))] for key, s in sums.items()}
 
 
 def _to_json(value: dict[str, Any], name: str = "value") -> str:

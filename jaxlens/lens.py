@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxlens.models.decoder import Decoder
+from jaxlens.decoder import Decoder
 
 
 def translate(kernel_dd: jax.Array, bias_d: jax.Array | None, h_d: jax.Array) -> jax.Array:

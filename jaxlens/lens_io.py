@@ -24,8 +24,6 @@ from jaxlens import torch_format
 from jaxlens.checkpointing import METADATA_FILENAME, Checkpointer
 from jaxlens.lens import Translators, TunedLens
 from jaxlens.models import SubjectModel
-from jaxlens.optim import optimizer_from_config
-from jaxlens.step import TrainState
 
 LENS_SPACE = "AlignmentResearch/tuned-lens"  # where tuned-lens publishes its lenses
 
@@ -56,28 +54,19 @@ def read_run(workdir) -> tuple[ml_collections.ConfigDict, dict]:
 def restore_translators(workdir, step: int | None = None) -> Translators:
     """The translators of a workdir's checkpoint (latest, or `step`) on this host's first device.
 
-    Works whatever mesh the run used: the arrays are restored unsharded.
+    Works whatever mesh and optimizer the run used: only the "translators" item is read, and
+    restored unsharded.
     """
-    config, metadata = read_run(workdir)
-    optimizer, _ = optimizer_from_config(config)
+    _, metadata = read_run(workdir)
     num_layers, d_model = metadata["num_layers"], metadata["d_model"]
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        jax.eval_shape(
-            lambda: TrainState.create(
-                Translators.zeros(num_layers, d_model, bias=metadata["bias"]), optimizer
-            )
-        ),
+        jax.eval_shape(lambda: Translators.zeros(num_layers, d_model, bias=metadata["bias"])),
     )
-    with Checkpointer(
-        pathlib.Path(workdir) / "checkpoints",
-        save_every=1,
-        keep=10**9,
-        metadata=metadata,
-    ) as checkpointer:
-        state, _, _ = checkpointer.restore(abstract, step)
-    return state.translators
+    with Checkpointer(pathlib.Path(workdir) / "checkpoints") as checkpointer:
+        arrays, _, _ = checkpointer.restore({"translators": abstract}, step)
+    return arrays["translators"]
 
 
 # Export ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlens.lens import Translators, TunedLens
+from jaxlens.lens import Translators
 from jaxlens.losses import layer_losses
 from jaxlens.models import SubjectModel
 
@@ -31,6 +31,18 @@ class TrainState:
     @classmethod
     def create(cls, translators: Translators, optimizer: optax.GradientTransformation):
         return cls(jnp.zeros((), jnp.int32), translators, optimizer.init(translators))
+
+    def checkpoint_items(self) -> dict:
+        """The state as checkpoint items: the lens apart from the optimizer, so that reading a
+        lens back needs no optimizer (`checkpointing.ITEMS`)."""
+        return {
+            "translators": self.translators,
+            "optim": {"step": self.step, "opt": self.opt_state},
+        }
+
+    @classmethod
+    def from_checkpoint_items(cls, items: dict) -> TrainState:
+        return cls(items["optim"]["step"], items["translators"], items["optim"]["opt"])
 
 
 def make_train_step(
@@ -60,9 +72,9 @@ def make_train_step(
         decoder = model.decoder(model_params)
 
         def objective(translators):
-            lens = TunedLens(decoder=decoder, translators=translators)
             loss_l = layer_losses(
-                lens,
+                decoder,
+                translators,
                 hidden_lbtd[:-1],
                 hidden_lbtd[-1],
                 ids_bt,

@@ -4,31 +4,32 @@ Only parses flags; the job is `train_lib.train_and_evaluate`, which notebooks an
 Any config field can be overridden on the command line, e.g. `--config.num_steps=100`.
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from jaxlens import train_lib
-from jaxlens.evaluate import format_table
+from jaxlens import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = cli.command_flags()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file.", flag_values=FLAGS
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints and metrics.", flag_values=FLAGS
+)
+flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
-def main(argv):
-    del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+def job(values) -> None:
+    del values
+    from jaxlens import eval_report, train_lib
+
     result = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print("\nHeld-out evaluation, logit lens vs tuned lens:\n")
-    print(format_table(result))
+    print(eval_report.format_table(result))
     print(f"\nCheckpoints, metrics.jsonl, eval.json and eval.png are in {_WORKDIR.value}")
 
 
-def run():
-    """Console-script entry point (`jaxlens-train`)."""
-    app.run(main)
-
+main = cli.main_of(FLAGS, job)
 
 if __name__ == "__main__":
-    run()
+    main()

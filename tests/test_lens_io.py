@@ -1,8 +1,6 @@
 """Lens files across the two worlds: jaxlens exports checked inside tuned-lens itself."""
 
 import json
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -11,9 +9,10 @@ import numpy as np
 import pytest
 import tiny_models
 import torch
+from conftest import run_command
 from tuned_lens import TunedLens as TorchTunedLens
 
-from jaxlens import lens_io, train_lib
+from jaxlens import export, lens_io, train_lib
 from jaxlens.checkpointing import CheckpointReadError
 from jaxlens.lens import Translators, TunedLens
 from jaxlens.models import load_model
@@ -115,36 +114,19 @@ def test_16_bit_exports_load_in_tuned_lens(tmp_path, dtype, tol):
 # A real workdir and the command line ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def workdir(tiny_lm, text_dir, tmp_path_factory):
-    from configs import tiny
-
-    config = tiny.get_config()
-    config.model.source = str(tiny_lm)
-    config.data.source = str(text_dir)
-    config.num_steps = 4
-    directory = tmp_path_factory.mktemp("run")
-    train_lib.train_and_evaluate(config, directory)
-    return directory
-
-
 def _export(workdir, out, *extra):
-    return subprocess.run(
-        [sys.executable, "-m", "jaxlens.export", f"--workdir={workdir}", f"--out={out}", *extra],
-        capture_output=True,
-        text=True,
-    )
+    return run_command(export, f"--workdir={workdir}", f"--out={out}", *extra)
 
 
-def test_the_export_command_writes_what_tuned_lens_loads(workdir, tiny_lm, tmp_path):
-    result = _export(workdir, tmp_path / "lens")
-    assert result.returncode == 0, result.stderr
+def test_the_export_command_writes_what_tuned_lens_loads(trained_workdir, tiny_lm, tmp_path):
+    result = _export(trained_workdir, tmp_path / "lens")
+    assert result.status == 0, result.stderr
     import transformers
 
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     torch_lens = TorchTunedLens.from_model_and_pretrained(torch_model, tmp_path / "lens")
     model = load_model(tiny_lm)
-    translators = lens_io.restore_translators(workdir)
+    translators = lens_io.restore_translators(trained_workdir)
     ids = np.random.default_rng(4).integers(0, model.vocab_size, size=(1, 8))
     np.testing.assert_allclose(
         _jax_logits(model, translators, ids),
@@ -165,27 +147,27 @@ def test_the_export_command_writes_what_tuned_lens_loads(workdir, tiny_lm, tmp_p
     assert config["unembed_hash"] == TorchTunedLens.from_model(torch_model).config.unembed_hash
 
 
-def test_export_of_a_step_that_does_not_exist(workdir, tmp_path):
+def test_export_of_a_step_that_does_not_exist(trained_workdir, tmp_path):
     with pytest.raises(CheckpointReadError, match="7"):
-        lens_io.export_checkpoint(workdir, tmp_path / "lens", step=7)
+        lens_io.export_checkpoint(trained_workdir, tmp_path / "lens", step=7)
     assert not (tmp_path / "lens").exists()
 
 
-def test_export_over_an_existing_lens_needs_overwrite(workdir, tmp_path):
+def test_export_over_an_existing_lens_needs_overwrite(trained_workdir, tmp_path):
     out = tmp_path / "lens"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    result = _export(workdir, out)
-    assert result.returncode != 0 and "--overwrite" in result.stderr
+    result = _export(trained_workdir, out)
+    assert result.status == 2 and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "user data"
-    assert _export(workdir, out, "--overwrite").returncode == 0
+    assert _export(trained_workdir, out, "--overwrite").status == 0
     assert (out / "params.pt").is_file() and not (out / "keep.txt").exists()
 
 
-def test_warm_start_from_an_exported_lens(workdir, tiny_lm, text_dir, tmp_path):
+def test_warm_start_from_an_exported_lens(trained_workdir, tiny_lm, text_dir, tmp_path):
     from configs import tiny
 
-    lens_io.export_checkpoint(workdir, tmp_path / "lens")
+    lens_io.export_checkpoint(trained_workdir, tmp_path / "lens")
     config = tiny.get_config()
     config.model.source = str(tiny_lm)
     config.data.source = str(text_dir)
@@ -193,7 +175,7 @@ def test_warm_start_from_an_exported_lens(workdir, tiny_lm, text_dir, tmp_path):
     config.lr_scale = 0.0  # no movement: the run must end where it started
     config.init_lens = str(tmp_path / "lens")
     train_lib.train_and_evaluate(config, tmp_path / "warm")
-    start = lens_io.restore_translators(workdir)
+    start = lens_io.restore_translators(trained_workdir)
     end = lens_io.restore_translators(tmp_path / "warm")
     np.testing.assert_array_equal(end.kernel_ldd, start.kernel_ldd)
     np.testing.assert_array_equal(end.bias_ld, start.bias_ld)

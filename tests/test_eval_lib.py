@@ -1,0 +1,128 @@
+"""The evaluation job: tuned-lens's files and numbers, token budgets, layer transfer, meshes."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tiny_models
+import torch
+
+from configs import tiny
+from jaxlens import lens_io
+from jaxlens.eval_lib import evaluate_lens
+from jaxlens.models import load_model
+
+
+def test_evaluate_command_writes_tuned_lens_metrics_equal_to_tuned_lens_own_logit_lens(
+    tokenizer, text_dir, tmp_path
+):
+
+    import transformers
+    from conftest import save_tiny_lm
+    from tuned_lens.nn.lenses import LogitLens as TorchLogitLens
+
+    from jaxlens import data as data_lib
+
+    model_dir = save_tiny_lm(tmp_path / "gpt2", "gpt2", tokenizer)
+    config = tiny.get_config()
+    config.model.source = str(model_dir)
+    config.data.source = str(text_dir)
+    result = evaluate_lens(config, "logit", tmp_path / "out", tokens=128)
+    saved = json.loads((tmp_path / "out" / "aggregate_metrics.json").read_text())
+    assert set(saved) == {"logit", "tuned", "baseline"}
+    assert set(saved["logit"]) == {"ce", "entropy", "kl"}
+    assert list(saved["logit"]["kl"]) == ["layer_0", "layer_1", "layer_2"]
+    assert result["tokens"] == 128
+
+    # tuned-lens's own logit lens and metric formulas (its eval loop), on the same tokens.
+    corpus = data_lib.tokenize_corpus(
+        data_lib.load_texts(str(text_dir)), tokenizer, config.data.seq_len
+    )
+    _, heldout = data_lib.split_heldout(
+        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
+    )
+    ids = torch.tensor(heldout.chunks[:4].astype(np.int64))
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    lens = TorchLogitLens.from_model(torch_model)
+    with torch.no_grad():
+        out = torch_model(ids, output_hidden_states=True)
+        final_lps = out.logits.log_softmax(-1)
+        for i, h in enumerate(out.hidden_states[:-1]):
+            lps = lens(h, idx=i).log_softmax(-1)
+            ce = torch.nn.functional.cross_entropy(lps[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            entropy = (-lps.exp() * lps).sum(-1).mean()
+            kl = (final_lps.exp() * (final_lps - lps)).sum(-1).mean()
+            for name, value in (("ce", ce), ("entropy", entropy), ("kl", kl)):
+                want = value.item() * heldout.nats_to_bpb
+                assert saved["logit"][name][f"layer_{i}"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_a_token_budget_larger_than_the_data_is_refused(tiny_lm, text_dir, tmp_path):
+
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    with pytest.raises(ValueError, match=r"--tokens=100000 exceeds the 256 held-out tokens"):
+        evaluate_lens(config, "logit", tmp_path / "out", tokens=100_000)
+
+
+def test_layer_transfer_files_nest_as_tuned_lens_and_agree_with_the_layer_metrics(
+    tiny_lm, text_dir, tmp_path
+):
+
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    # The logit lens: every translator is the identity, so translator i on layer j is layer j.
+    evaluate_lens(config, "logit", tmp_path, tokens=64, layer_transfer=True)
+    saved = json.loads((tmp_path / "aggregate_metrics.json").read_text())
+    transfer = saved["tuned"]["layer_transfer"]
+    layers = list(saved["logit"]["ce"])
+    assert list(transfer["ce"]) == layers and list(transfer["ce"]["layer_0"]) == layers
+    for i in layers:
+        for j in layers:
+            assert transfer["ce"][i][j] == pytest.approx(saved["logit"]["ce"][j], rel=1e-5)
+            assert transfer["kl"][i][j] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_evaluation_sharded_over_four_devices_equals_one_device(tiny_lm, text_dir, tmp_path):
+    """The command on a 2x2 mesh (bank and frozen weights split over "model") vs one device."""
+
+    model = load_model(tiny_lm)
+    translators = tiny_models.random_translators(model.num_layers, model.d_model, seed=3)
+    lens_dir = lens_io.save_lens(tmp_path / "lens", translators, model)
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    evaluate_lens(config, str(lens_dir), tmp_path / "one")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxlens.evaluate",
+            "--config=configs/tiny.py",
+            f"--config.model.source={tiny_lm}",
+            f"--config.data.source={text_dir}",
+            "--config.mesh.data=2",
+            "--config.mesh.model=2",
+            "--config.mesh.shard_model_params=True",
+            f"--lens={lens_dir}",
+            f"--out={tmp_path / 'four'}",
+        ],
+        cwd=repo,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        check=True,
+    )
+    one = json.loads((tmp_path / "one" / "aggregate_metrics.json").read_text())
+    four = json.loads((tmp_path / "four" / "aggregate_metrics.json").read_text())
+    assert one.keys() == four.keys()
+    for lens in one:
+        for metric in one[lens]:
+            for layer, value in one[lens][metric].items():
+                assert four[lens][metric][layer] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert one["tuned"]["kl"] != one["logit"]["kl"]  # the lens is not the identity

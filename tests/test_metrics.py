@@ -1,0 +1,116 @@
+"""Evaluation statistics against an independent computation (PyTorch head, float64 numpy)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_models
+import torch
+
+from jaxlens.metrics import layer_metrics, transfer_metrics
+from jaxlens.models import load_model
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("lens", ["tuned", "logit"])
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_layer_metrics_equal_numpy_on_pytorch_logits(tmp_path, chunk, lens):
+    """The tuned lens, and the logit lens (no bank at all), against float64 numpy maths."""
+    torch_model = tiny_models.build("gptj", seed=21)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    ids = np.random.default_rng(0).integers(0, model.vocab_size, size=(3, 8))
+    num_layers = model.num_layers
+    translators = tiny_models.random_translators(num_layers, model.d_model, seed=1, scale=0.1)
+    if lens == "logit":
+        translators = tiny_models.random_translators(num_layers, model.d_model, seed=1, scale=0.0)
+    hidden = model(ids).hidden_lbtd
+    got = layer_metrics(
+        model.decoder(),
+        translators if lens == "tuned" else None,
+        hidden[:-1],
+        hidden[-1],
+        jnp.asarray(ids),
+        chunk_tokens=chunk,
+    )
+
+    with torch.no_grad():
+        out = torch_model(torch.tensor(ids), output_hidden_states=True)
+        log_p = _log_softmax(out.logits.numpy().astype(np.float64))
+        head, norm = torch_model.get_output_embeddings(), tiny_models.final_norm_module(torch_model)
+        for layer in range(num_layers):
+            h = out.hidden_states[layer]
+            moved = h + h @ torch.tensor(np.asarray(translators.kernel_ldd[layer]))
+            moved = moved + torch.tensor(np.asarray(translators.bias_ld[layer]))
+            log_q = _log_softmax(head(norm(moved)).numpy().astype(np.float64))
+            kl = (np.exp(log_p) * (log_p - log_q)).sum(-1).mean()
+            ce = -np.take_along_axis(log_q[:, :-1], ids[:, 1:, None], -1).mean()
+            entropy = -(np.exp(log_q) * log_q).sum(-1).mean()
+            np.testing.assert_allclose(got["kl"][layer], kl, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got["ce"][layer], ce, rtol=1e-5)
+            np.testing.assert_allclose(got["entropy"][layer], entropy, rtol=1e-5)
+    base_ce = -np.take_along_axis(log_p[:, :-1], ids[:, 1:, None], -1).mean()
+    base_entropy = -(np.exp(log_p) * log_p).sum(-1).mean()
+    np.testing.assert_allclose(got["baseline_ce"], base_ce, rtol=1e-5)
+    np.testing.assert_allclose(got["baseline_entropy"], base_entropy, rtol=1e-5)
+
+
+def test_layer_transfer_equals_numpy_on_pytorch_logits(tmp_path):
+    torch_model = tiny_models.build("gpt2", seed=22)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    ids = np.random.default_rng(0).integers(0, model.vocab_size, size=(2, 6))
+    num_layers = model.num_layers
+    translators = tiny_models.random_translators(num_layers, model.d_model, seed=1, scale=0.2)
+    hidden = model(ids).hidden_lbtd
+    got = transfer_metrics(
+        model.decoder(), translators, hidden[:-1], jnp.asarray(ids), chunk_tokens=5
+    )
+
+    head, norm = torch_model.get_output_embeddings(), tiny_models.final_norm_module(torch_model)
+    with torch.no_grad():
+        out = torch_model(torch.tensor(ids), output_hidden_states=True)
+
+        def log_q(i, j):
+            h = out.hidden_states[j]
+            moved = h + h @ torch.tensor(np.asarray(translators.kernel_ldd[i]))
+            moved = moved + torch.tensor(np.asarray(translators.bias_ld[i]))
+            return _log_softmax(head(norm(moved)).numpy().astype(np.float64))
+
+        for j in range(num_layers):
+            own = log_q(j, j)
+            for i in range(num_layers):
+                moved = log_q(i, j)
+                ce = -np.take_along_axis(moved[:, :-1], ids[:, 1:, None], -1).mean()
+                kl = (np.exp(own) * (own - moved)).sum(-1).mean()
+                np.testing.assert_allclose(got["ce"][i, j], ce, rtol=1e-5)
+                np.testing.assert_allclose(got["kl"][i, j], kl, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.diag(got["kl"]), 0.0, atol=1e-5)
+
+
+def test_metrics_keep_their_digits_when_all_logits_are_large(tmp_path):
+    """Adding a constant to every logit changes no distribution, so no metric may move; a
+    formula that subtracts two logit-sized numbers (lse - sum q z) would lose ~1e-4 here."""
+    torch_model = tiny_models.build("gptj", seed=23)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    ids = np.random.default_rng(2).integers(0, model.vocab_size, size=(2, 8))
+    translators = tiny_models.random_translators(model.num_layers, model.d_model, seed=4)
+    hidden = model(ids).hidden_lbtd
+    decoder = model.decoder()
+    shifted = dataclasses.replace(decoder, unembed_bias_v=decoder.unembed_bias_v + 3000.0)
+    results = [
+        layer_metrics(
+            d,
+            translators,
+            hidden[:-1],
+            hidden[-1],
+            jnp.asarray(ids),
+            chunk_tokens=7,
+        )
+        for d in (decoder, shifted)
+    ]
+    for key in results[0]:
+        np.testing.assert_allclose(results[1][key], results[0][key], rtol=1e-5, atol=2e-6)
