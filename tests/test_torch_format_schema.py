@@ -12,6 +12,7 @@ import torch
 import torch_reference
 import transformers
 from torch_reference import lens_dir_with_params
+from tuned_lens import TunedLens
 from tuned_lens.nn.unembed import Unembed
 from tuned_lens.utils import tensor_hash
 
@@ -28,6 +29,22 @@ def tiny_gpt2():
 def tuned_lens_dir(tiny_gpt2, tmp_path_factory) -> pathlib.Path:
     directory = tmp_path_factory.mktemp("tuned_lens") / "lens"
     return torch_reference.save_tuned_lens(tiny_gpt2, directory)
+
+
+@pytest.mark.parametrize("revision", [None, "a1b2c3"])
+def test_lens_config_is_the_config_tuned_lens_writes(tiny_gpt2, tmp_path, revision):
+    TunedLens.from_model(tiny_gpt2, model_revision=revision).save(tmp_path / "lens")
+    config = torch_format.lens_config(
+        base_model_name_or_path=None,  # a model built from a config, as tiny_gpt2 is
+        revision=revision,
+        num_layers=np.int64(2),  # numpy ints (from array shapes) become JSON ints
+        d_model=16,
+        bias=True,
+        unembed_hash=torch_format.unembed_hash(tiny_gpt2.lm_head.weight.detach().numpy()),
+    )
+    assert list(config) == list(torch_format.LENS_CONFIG_KEYS)
+    assert config["lens_type"] == torch_format.LENS_TYPE
+    assert json.dumps(config).encode() == (tmp_path / "lens" / "config.json").read_bytes()
 
 
 def test_misspelt_unembed_hash_is_used_and_unknown_keys_ignored(tuned_lens_dir, tmp_path):

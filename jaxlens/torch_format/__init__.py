@@ -11,7 +11,7 @@ from jaxlens.torch_format.dtypes import DTYPES
 from jaxlens.torch_format.errors import LensFileError, UnsafeLensFileError
 from jaxlens.torch_format.lens_dir import PARAMS_FILES, LensFile, read_lens_dir, write_lens_dir
 from jaxlens.torch_format.reader import load_torch_state_dict
-from jaxlens.torch_format.schema import LENS_CONFIG_KEYS, LENS_TYPE, unembed_hash
+from jaxlens.torch_format.schema import LENS_CONFIG_KEYS, LENS_TYPE, lens_config, unembed_hash
 from jaxlens.torch_format.writer import save_torch_state_dict
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "LensFile",
     "LensFileError",
     "UnsafeLensFileError",
+    "lens_config",
     "load_torch_state_dict",
     "read_lens_dir",
     "save_torch_state_dict",

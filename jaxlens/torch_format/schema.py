@@ -3,7 +3,8 @@
 tuned-lens writes exactly `LENS_CONFIG_KEYS`, in that order, and reads a config by name, so
 readers ignore unknown keys (older tuned-lens files carry a misspelt `unemebd_hash`). There is no
 version field; `lens_type` is always `LENS_TYPE`. This module is the one place jaxlens spells the
-schema out: every config jaxlens writes is built or checked here.
+schema out: every config jaxlens writes is built (`lens_config`) or checked (`complete_config`)
+here.
 """
 
 from __future__ import annotations
@@ -59,6 +60,40 @@ def unembed_hash(unembed_vd: np.ndarray) -> str:
     with np.printoptions(**_DEFAULT_PRINT):
         text = np.array_str(u_vd, precision=1)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def lens_config(
+    *,
+    base_model_name_or_path: str | None,
+    revision: str | None,
+    num_layers: int,
+    d_model: int,
+    bias: bool,
+    unembed_hash: str | None,
+) -> dict:
+    """The `config.json` of a lens, as tuned-lens writes it: all seven keys, in order.
+
+    Args:
+        base_model_name_or_path: the model id or path the lens is for; None (a model not loaded
+            by name) is written as "", as tuned-lens writes such a model's.
+        revision: the model's hub revision, or None.
+        num_layers: number of translators (the model's block count).
+        d_model: the model's width.
+        bias: whether the translators have biases.
+        unembed_hash: `unembed_hash` of the model's unembedding, or None when unknown.
+
+    Returns:
+        The seven `LENS_CONFIG_KEYS` in order, `lens_type` being `LENS_TYPE`.
+    """
+    return {
+        "base_model_name_or_path": base_model_name_or_path or "",
+        "d_model": int(d_model),
+        "num_hidden_layers": int(num_layers),
+        "bias": bool(bias),
+        "base_model_revision": revision,
+        "unembed_hash": unembed_hash,
+        "lens_type": LENS_TYPE,
+    }
 
 
 def complete_config(config: dict, num_layers: int, d_model: int, bias: bool) -> dict:
