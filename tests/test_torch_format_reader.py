@@ -10,6 +10,7 @@ import collections
 import os
 import pathlib
 import pickle
+import re
 import struct
 import zipfile
 
@@ -199,3 +200,62 @@ def test_a_storage_larger_than_the_file_is_refused_before_reading(tmp_path):
     (tmp_path / "old.pt").write_bytes(raw.replace(struct.pack("<q", 3), struct.pack("<q", huge)))
     with pytest.raises(LensFileError, match="more than the whole file holds"):
         torch_format.load_torch_state_dict(tmp_path / "old.pt")
+
+
+def _archive_with(tmp_path, rename=lambda name: name, extra=()) -> pathlib.Path:
+    """torch.save's own archive of one tensor, its members renamed and `extra` ones added."""
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "params.pt")
+    with zipfile.ZipFile(tmp_path / "params.pt") as zf:
+        records = {name: zf.read(name) for name in zf.namelist()}
+    assert list(records)[0] == "params/data.pkl"
+    with zipfile.ZipFile(tmp_path / "params.pt", "w") as zf:
+        for name, data in records.items():
+            zf.writestr(rename(name), data)
+        for name in extra:
+            zf.writestr(name, b"anything")
+    return tmp_path / "params.pt"
+
+
+def _refused_unread(path, member: str, monkeypatch) -> None:
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a record was read before the member names were checked")
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", no_reading)
+    with pytest.raises(UnsafeLensFileError, match=rf"member {re.escape(repr(member))}, outside"):
+        torch_format.load_torch_state_dict(path)
+
+
+def test_the_archives_of_the_unsafe_member_tests_are_otherwise_valid(tmp_path):
+    path = _archive_with(tmp_path, extra=["params/notes/x"])  # a member inside is fine
+    np.testing.assert_array_equal(torch_format.load_torch_state_dict(path)["w"], [0, 1, 2])
+
+
+@pytest.mark.parametrize(
+    "member, torch_refuses",
+    [
+        ("params/../x", False),  # climbs out of the folder after entering it
+        ("params/data/../../x", False),
+        ("../x", True),
+        ("/x", True),  # absolute
+        ("/params/x", True),
+        ("params\\..\\x", True),  # a path separator to Windows tools
+        ("params/..\\..\\x", False),
+        ("other/x", True),  # a folder other than the one holding data.pkl
+        ("other/data/0", True),
+    ],
+)
+def test_members_outside_the_archive_folder_are_refused_unread(
+    tmp_path, monkeypatch, member, torch_refuses
+):
+    path = _archive_with(tmp_path, extra=[member])
+    if torch_refuses:  # torch 2.13 lets names with ".." inside its folder pass; we do not
+        with pytest.raises(RuntimeError, match="not in a subdirectory"):
+            torch.load(path)
+    _refused_unread(path, member, monkeypatch)
+
+
+@pytest.mark.parametrize("folder", ["..", ""])
+def test_an_archive_folder_outside_the_archive_is_refused_unread(tmp_path, monkeypatch, folder):
+    # Every member lies in one folder, but that folder is "../" or "/": torch 2.13 reads these.
+    path = _archive_with(tmp_path, rename=lambda name: name.replace("params/", f"{folder}/", 1))
+    _refused_unread(path, f"{folder}/data.pkl", monkeypatch)

@@ -75,3 +75,21 @@ def test_our_archive_has_torch_saves_records_alignment_and_globals(tmp_path):
 def test_saving_rejects_other_dtypes(tmp_path):
     with pytest.raises(ValueError, match=r"'steps' is int64.*float32, float16 or bfloat16"):
         torch_format.save_torch_state_dict(tmp_path / "p.pt", {"steps": np.arange(3)})
+
+
+@pytest.mark.parametrize(
+    "filename, folder",
+    [("params.pt", "params"), ("..pt", "."), ("...pt", "archive"), ("a\\b.pt", "archive")],
+)
+def test_the_archive_folder_is_the_stem_where_that_is_a_plain_folder_name(
+    tmp_path, filename, folder
+):
+    # As torch, we name the folder after the stem ("..pt" gives "." in torch too); a stem that
+    # would climb out ("..") or hold a Windows separator gets torch's name for a buffer's.
+    tensors = {"w": np.arange(3, dtype=np.float32)}
+    torch_format.save_torch_state_dict(tmp_path / filename, tensors)
+    assert zipfile.ZipFile(tmp_path / filename).namelist()[0] == f"{folder}/data.pkl"
+    np.testing.assert_array_equal(
+        torch_format.load_torch_state_dict(tmp_path / filename)["w"], tensors["w"]
+    )
+    np.testing.assert_array_equal(torch.load(tmp_path / filename)["w"].numpy(), tensors["w"])

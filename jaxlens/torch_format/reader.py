@@ -2,9 +2,10 @@
 
 Two containers hold the pickle that `unpickler` reads. Since torch 1.6, `torch.save` writes a zip
 archive with everything in one folder: `<name>/data.pkl`, and each storage's raw bytes as the
-record `<name>/data/<key>`. Before 1.6 it wrote a "legacy" sequence of pickles followed by the
-storages' bytes. Either way a storage's size is checked against the file before it is read, so a
-corrupt header cannot make us allocate more than the file holds.
+record `<name>/data/<key>`; we refuse an archive with any member outside that folder. Before 1.6
+it wrote a "legacy" sequence of pickles followed by the storages' bytes. Either way a storage's
+size is checked against the file before it is read, so a corrupt header cannot make us allocate
+more than the file holds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import zipfile
 import numpy as np
 
 from jaxlens.torch_format.dtypes import DTYPES
-from jaxlens.torch_format.errors import LensFileError
+from jaxlens.torch_format.errors import LensFileError, UnsafeLensFileError
 from jaxlens.torch_format.unpickler import StorageRef, TensorRef, unpickle
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 torch.save file
@@ -77,19 +78,38 @@ def _state_dict(obj, storages: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _archive_folder(zf: zipfile.ZipFile) -> str:
+    """The folder holding data.pkl, with its slash, once every member is known to lie inside it.
+
+    Only names are read here. This reader opens records by name, so a member elsewhere could not
+    make it read outside the folder; but torch.save never writes one, torch refuses one outside the
+    folder, and a tool that unzips the file could write it anywhere. So we refuse them all.
+    """
+    pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise LensFileError(f"is a zip archive but not a torch.save one (data.pkl: {pickles})")
+    prefix = pickles[0].removesuffix("data.pkl")
+    for name in zf.namelist():
+        parts = name.split("/")
+        # "\\" is a separator to Windows tools (and to torch); ".." and a leading "/" climb out.
+        if not name.startswith(prefix) or not parts[0] or ".." in parts or "\\" in name:
+            raise UnsafeLensFileError(
+                f"holds the member {name!r}, outside the folder {prefix!r} that torch.save "
+                "writes everything into; jaxlens refused to load it"
+            )
+    return prefix
+
+
 def _load_zip(f) -> dict[str, np.ndarray]:
     with zipfile.ZipFile(f) as zf:
-        pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise LensFileError(f"is a zip archive but not a torch.save one (data.pkl: {pickles})")
-        prefix = pickles[0].removesuffix("data.pkl")
+        prefix = _archive_folder(zf)
         byteorder = "little"  # what torch assumes when the record is missing
         if prefix + "byteorder" in zf.namelist():
             byteorder = zf.read(prefix + "byteorder").decode("ascii", "replace")
             if byteorder not in ("little", "big"):
                 raise LensFileError(f"has an unknown byte order {byteorder!r}")
         refs: dict[str, StorageRef] = {}
-        obj = unpickle(io.BytesIO(zf.read(pickles[0])), refs)
+        obj = unpickle(io.BytesIO(zf.read(prefix + "data.pkl")), refs)
         storages = {}
         for key, ref in refs.items():
             record = f"{prefix}data/{key}"

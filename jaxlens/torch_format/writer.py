@@ -112,7 +112,7 @@ def save_torch_state_dict(path, tensors: dict[str, np.ndarray]) -> None:
     fsynced but not written atomically (`write_lens_dir` is).
 
     Args:
-        path: file to write (its stem names the archive's top folder, as in torch).
+        path: file to write (its stem names the archive's folder, as in torch).
         tensors: name -> float32, float16 or bfloat16 (`ml_dtypes.bfloat16`) array of any shape.
     """
     path = pathlib.Path(path)
@@ -131,7 +131,10 @@ def save_torch_state_dict(path, tensors: dict[str, np.ndarray]) -> None:
         width = array.dtype.itemsize
         arrays.append(array.reshape(-1).view(f"u{width}").astype(f"<u{width}", copy=False))
     data_pkl = _pickle_state_dict(entries)
-    archive = path.stem if path.stem and path.stem.isascii() else "archive"
+    # torch names the archive's folder after the file's stem; where that is no plain folder name
+    # (one the reader accepts), we use "archive", the name torch gives a buffer's.
+    stem = path.stem
+    archive = stem if stem.isascii() and stem not in ("", "..") and "\\" not in stem else "archive"
     with open(path, "wb") as f:
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
             for name, data in [
