@@ -72,21 +72,6 @@ def restore_translators(workdir, step: int | None = None) -> Translators:
 # Export ------------------------------------------------------------------------------------
 
 
-def lens_config(
-    *, name: str | None, revision: str | None, num_layers: int, d_model: int, bias: bool, hash_
-) -> dict:
-    """The seven-key tuned-lens `config.json` of a lens."""
-    return {
-        "base_model_name_or_path": name or "",
-        "d_model": int(d_model),
-        "num_hidden_layers": int(num_layers),
-        "bias": bool(bias),
-        "base_model_revision": revision,
-        "unembed_hash": hash_,
-        "lens_type": "linear_tuned_lens",
-    }
-
-
 def save_lens(
     out_dir,
     translators: Translators,
@@ -97,13 +82,13 @@ def save_lens(
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Writes `translators` as a tuned-lens directory for `model`."""
-    config = lens_config(
-        name=model.name_or_path,
+    config = torch_format.lens_config(
+        base_model_name_or_path=model.name_or_path,
         revision=model.revision,
         num_layers=translators.num_layers,
         d_model=translators.d_model,
         bias=translators.bias_ld is not None,
-        hash_=model_unembed_hash(model),
+        unembed_hash=model_unembed_hash(model),
     )
     return _write(out_dir, translators, config, dtype, file_format, overwrite)
 
@@ -123,13 +108,13 @@ def export_checkpoint(
         raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it.")
     _, metadata = read_run(workdir)
     translators = restore_translators(workdir, step)
-    config = lens_config(
-        name=metadata["model"],
+    config = torch_format.lens_config(
+        base_model_name_or_path=metadata["model"],
         revision=metadata.get("revision"),
         num_layers=metadata["num_layers"],
         d_model=metadata["d_model"],
         bias=metadata["bias"],
-        hash_=metadata.get("unembed_hash"),
+        unembed_hash=metadata.get("unembed_hash"),
     )
     return _write(out_dir, translators, config, dtype, file_format, overwrite)
 
