@@ -1,4 +1,4 @@
-"""Evaluates a lens on held-out text: `python -m jaxlens.evaluate --config=... --lens=... --out=...`.
+"""Evaluates a lens on held-out text: `python -m jaxlens.evaluate --config --lens --out`.
 
 Writes tuned-lens's `aggregate_metrics.json` and `batches.jsonl` (plus `eval.json`, `eval.png`)
 to `--out`. The lens is a jaxlens workdir, a tuned-lens lens directory or id, or "logit". Only

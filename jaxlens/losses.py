@@ -18,6 +18,7 @@ array but its own logits.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp

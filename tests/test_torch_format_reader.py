@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 import torch
 import torch_format_reference
-from torch_format_reference import SHAPES, as_torch, bits, data_offsets, lens_dir_with_params, random_bits
+from torch_format_reference import (
+    SHAPES,
+    as_torch,
+    bits,
+    data_offsets,
+    lens_dir_with_params,
+    random_bits,
+)
 
 from jaxlens import torch_format
 from jaxlens.torch_format import LensFileError, UnsafeLensFileError
