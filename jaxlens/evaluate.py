@@ -14,11 +14,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlens.data import global_batch, process_row_block
 from jaxlens.lens import Translators, TunedLens
 from jaxlens.losses import layer_metrics, transfer_metrics
 from jaxlens.models import SubjectModel
-from jaxlens.sharding import bank_shardings, make_mesh, model_param_shardings, put
+from jaxlens.sharding import (
+    bank_shardings,
+    global_batch,
+    make_mesh,
+    model_param_shardings,
+    process_row_block,
+    put,
+)
 
 
 def make_eval_step(model: SubjectModel, *, chunk_tokens: int = 2048, layer_transfer=False):

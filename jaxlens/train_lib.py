@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlens import data as data_lib
 from jaxlens import evaluate as evaluate_lib
-from jaxlens import lens_io
+from jaxlens import lens_io, sharding
 from jaxlens.checkpointing import Checkpointer
 from jaxlens.lens import Translators
 from jaxlens.models import SubjectModel, load_model
@@ -229,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             state = jax.jit(init, out_shardings=state_shardings)()
             start = 0
 
-        block = data_lib.process_row_block(mesh, P("data"), (batch_size, config.data.seq_len))
+        block = sharding.process_row_block(mesh, P("data"), (batch_size, config.data.seq_len))
         ids_shape = jax.ShapeDtypeStruct(
             (batch_size, config.data.seq_len), jnp.int32, sharding=batch_sharding
         )
@@ -287,7 +287,7 @@ def _train_loop(
     began, timed_from = time.perf_counter(), start
     for step in range(start, config.num_steps):
         rows = stream.next_local_batch(batch_size, *block)
-        ids = data_lib.global_batch(rows, mesh, P("data"))
+        ids = sharding.global_batch(rows, mesh, P("data"))
         state, metrics = step_fn(state, model_params, ids)
         done = step + 1
         last = done == config.num_steps
