@@ -1,6 +1,6 @@
 """Tests of jaxlens.data.sources: .txt files, directories and globs, json/jsonl/parquet files,
-the bundled Shakespeare, per-host document blocks, and the errors on missing, empty and unsupported
-sources."""
+the bundled Shakespeare, per-host document blocks, and the errors on missing, empty, unsupported
+and non-UTF-8 sources."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_a_host_does_not_open_the_other_hosts_files(tmp_path):
         "document 0",
         "document 1",
     ]
-    with pytest.raises(UnicodeDecodeError):
+    with pytest.raises(ValueError, match=r"3\.txt is not UTF-8"):
         data.load_texts(str(tmp_path), process_index=1, process_count=2)
 
 
@@ -89,3 +89,54 @@ def test_multi_host_hub_streaming_needs_max_documents():
         data.load_texts("someone/some-dataset", process_index=0, process_count=2)
     with pytest.raises(ValueError, match=r"process_index=2 is not in \[0, 2\)"):
         data.load_texts("shakespeare", process_index=2, process_count=2)
+
+
+def test_non_utf8_txt_file_is_refused_with_its_name_and_offset(tmp_path):
+    # The bad byte lies well past the 8 KiB a text reader decodes at a time, on line 3.
+    text = "x" * 10_000 + "\n" + "y" * 10_000 + "\n" + "Café"
+    latin1 = tmp_path / "corpus" / "latin1.txt"
+    latin1.parent.mkdir()
+    latin1.write_bytes(text.encode("latin-1"))
+    offset = 10_000 + 1 + 10_000 + 1 + 3
+    for source in (latin1, latin1.parent, latin1.parent / "*.txt"):
+        with pytest.raises(ValueError) as caught:
+            data.load_texts(str(source))
+        message = str(caught.value)
+        assert not isinstance(caught.value, UnicodeDecodeError)
+        assert (
+            f"{latin1} is not UTF-8 text: byte {offset} (counting from 0; line 3) is 0xe9"
+            in message
+        )
+        assert f"iconv -f latin1 -t utf-8 {latin1} > {latin1}.utf8" in message
+    # Converted as the message says, it reads.
+    latin1.write_text(latin1.read_bytes().decode("latin-1"), encoding="utf-8")
+    assert data.load_texts(str(latin1)) == [text]
+
+
+def test_non_utf8_json_and_parquet_rows_are_refused_with_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [b'{"text": "a"}', b'{"text": "b"}', b'{"text": "caf\xe9 au lait"}', b'{"text": "d"}']
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(b"\n".join(rows) + b"\n")
+    # Arrow's json reader keeps the bad bytes; only turning them into str fails.
+    with pytest.raises(ValueError) as caught:
+        data.load_texts(str(jsonl))
+    message = str(caught.value)
+    assert f"{jsonl}: row 2 (counting from 0) of field 'text' is not UTF-8 text" in message
+    assert "its byte 3 is 0xe9" in message and "iconv -f latin1 -t utf-8" in message
+    # The host whose block ends before the bad row reads its documents; the other host's error
+    # counts rows from the start of the file, not of its block.
+    assert data.load_texts(str(jsonl), process_index=0, process_count=2) == ["a", "b"]
+    with pytest.raises(ValueError, match=r"row 2 \(counting from 0\)"):
+        data.load_texts(str(jsonl), process_index=1, process_count=2)
+
+    # A parquet string column can hold invalid UTF-8 too, if its writer did not check; the
+    # search for the bad row steps over a missing value.
+    raw = pa.array([b"ok", None, b"na\xefve"], type=pa.binary())
+    column = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+    parquet = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text": column}), parquet)
+    with pytest.raises(ValueError, match=r"bad\.parquet: row 2 .*its byte 2 is 0xef.*Write the"):
+        data.load_texts(str(parquet))

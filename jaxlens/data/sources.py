@@ -4,7 +4,8 @@ A source is ``"shakespeare"`` (the bundled plays), a ``.txt`` file, a directory 
 a ``.jsonl``/``.json``/``.parquet`` file read with `datasets`, or a Hugging Face hub dataset name.
 In a multi-host run each host reads only its own contiguous block of documents
 (`document_block`); the token streams of the blocks are joined later (`tokens.gather_streams`),
-so files of other hosts' blocks are never opened.
+so files of other hosts' blocks are never opened. Text must be UTF-8; a file that is not is
+refused with its name and the offset of the first byte that does not decode.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import glob
 import itertools
 import pathlib
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +57,8 @@ def load_texts(
     Raises:
         FileNotFoundError: ``source`` looks like a path but nothing is there.
         ValueError: no documents, only empty documents, a missing ``text_field`` (the message
-            names the fields that exist), or a file type that is not supported.
+            names the fields that exist), a file type that is not supported, or text that is
+            not UTF-8 (the message names the file and the first byte that does not decode).
     """
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max_documents={max_documents}; it must be at least 1, or None for all.")
@@ -117,7 +120,7 @@ def _read_source(source, text_field, split, hub_config, block: _Block) -> list[s
         return _read_txt_files(files, source, block)
     if path.is_file():
         if path.suffix in _TEXT_SUFFIXES:
-            return [path.read_text(encoding="utf-8") for _ in block.of(1)]
+            return [_read_utf8(path) for _ in block.of(1)]
         if path.suffix in _DATASETS_BUILDERS:
             return _read_with_datasets(path, text_field, block)
         raise ValueError(
@@ -146,7 +149,28 @@ def _read_txt_files(files: Sequence[pathlib.Path], where: str, block: _Block) ->
             f"{where} matches entries that are not .txt files: {others[:5]}; narrow the glob to "
             "'*.txt' (json and parquet files are read one file at a time)."
         )
-    return [files[i].read_text(encoding="utf-8") for i in block.of(len(files))]
+    return [_read_utf8(files[i]) for i in block.of(len(files))]
+
+
+def _read_utf8(path: pathlib.Path) -> str:
+    """The text of a ``.txt`` file, refusing one that is not UTF-8 with where it fails."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        # read_text decodes the whole file in one call, so err.object is the file's bytes and
+        # err.start an offset from its start.
+        line = err.object.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte {err.start} (counting from 0; line {line}) is "
+            f"0x{err.object[err.start]:02x}, which does not decode ({err.reason}). Convert the "
+            f"file to UTF-8 first, e.g. for a Latin-1 file: {_iconv(path)}"
+        ) from err
+
+
+def _iconv(path: pathlib.Path) -> str:
+    """A shell command that converts a Latin-1 file to UTF-8 in place."""
+    name, converted = shlex.quote(str(path)), shlex.quote(f"{path}.utf8")
+    return f"iconv -f latin1 -t utf-8 {name} > {converted} && mv {converted} {name}"
 
 
 def _read_with_datasets(path: pathlib.Path, text_field: str, block: _Block) -> list[str]:
@@ -157,7 +181,39 @@ def _read_with_datasets(path: pathlib.Path, text_field: str, block: _Block) -> l
     )
     _check_field(text_field, data.column_names, str(path))
     rows = block.of(len(data))
-    return _as_strings(data.select(rows)[text_field], str(path))
+    selected = data.select(rows)
+    try:
+        values = selected[text_field][:]  # the whole column at once, not row by row
+    except UnicodeDecodeError as err:
+        # Arrow's json and parquet readers keep invalid UTF-8 in string columns as is; it fails
+        # only here, on conversion to Python, with an offset into one unnamed string.
+        raise _undecodable_row(selected, text_field, rows.start, path) from err
+    return _as_strings(values, str(path))
+
+
+def _undecodable_row(selected, text_field: str, first_row: int, path: pathlib.Path) -> ValueError:
+    """The error for the first row of ``selected`` whose ``text_field`` is not UTF-8."""
+    import pyarrow as pa
+
+    raw = selected.with_format("arrow")[:].column(text_field).cast(pa.binary()).to_pylist()
+    # JSON text is UTF-8 by definition, so a Latin-1 json file converts as a whole; a parquet
+    # file's strings must be decoded by whatever wrote them.
+    if path.suffix == ".parquet":
+        fix = "Write the file again with that text decoded to str (UTF-8) first."
+    else:
+        fix = f"Convert the file to UTF-8 first, e.g. for a Latin-1 file: {_iconv(path)}"
+    for i, value in enumerate(raw):
+        if value is None:  # a missing value, which _as_strings reports once the text decodes
+            continue
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return ValueError(
+                f"{path}: row {first_row + i} (counting from 0) of field {text_field!r} is not "
+                f"UTF-8 text: its byte {err.start} is 0x{value[err.start]:02x}, which does not "
+                f"decode ({err.reason}). {fix}"
+            )
+    return ValueError(f"{path}: field {text_field!r} holds text that is not UTF-8. {fix}")
 
 
 def _read_hub(name, hub_config, split, text_field, block: _Block) -> list[str]:
