@@ -4,10 +4,15 @@ One ("data", "model") mesh serves training and evaluation. Token batches are spl
 the translator bank's output dimension over "model"; the frozen model's weights are replicated, or
 (for models too large for one chip) each split over "model" along its last evenly dividing axis,
 XLA inserting the collectives. In a multi-host run every host holds the same host-local values
-(the model, the corpus, a loaded lens), and `put` turns them into global arrays.
+(the model, the corpus, a loaded lens), and `put` turns them into global arrays. A token batch is
+the exception: each host loads only the rows its devices hold (`process_row_block`), and
+`global_batch` assembles the hosts' rows into one global array.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -79,3 +84,59 @@ def put(tree, shardings):
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(one, tree, shardings)
+
+
+def process_row_block(mesh: Mesh, spec: P, global_shape: Sequence[int]) -> tuple[int, int]:
+    """Which block of a global batch's rows this process's devices hold under a sharding.
+
+    Pass the result as ``(process_index, process_count)`` to `ChunkStream.next_local_batch`. It
+    is ``(jax.process_index(), jax.process_count())`` for the usual data-parallel mesh, but
+    processes that replicate each other (a model axis across hosts) share a block, and a mesh may
+    order hosts differently from their process indices.
+
+    Args:
+        mesh: the device mesh.
+        spec: partition spec of the batch; its first entry shards the rows.
+        global_shape: shape of the global batch, ``[batch_size, seq_len]``.
+
+    Returns:
+        ``(block, num_blocks)``: this process holds rows ``block * b : (block + 1) * b`` with
+        ``b = batch_size // num_blocks``.
+
+    Raises:
+        ValueError: this process's rows are not one block of equal-sized blocks.
+    """
+    index_map = NamedSharding(mesh, spec).addressable_devices_indices_map(tuple(global_shape))
+    rows = {idx[0].indices(global_shape[0])[:2] for idx in index_map.values()}
+    return _row_block(sorted(rows), global_shape[0])
+
+
+def _row_block(rows: list[tuple[int, int]], batch_size: int) -> tuple[int, int]:
+    """The block that sorted row ranges ``[(start, stop), ...]`` cover together; see above."""
+    start, stop = rows[0][0], rows[-1][1]
+    gaps = [(a, b) for (_, a), (b, _) in itertools.pairwise(rows) if a < b]
+    size = stop - start
+    if gaps or batch_size % size or start % size:
+        raise ValueError(
+            f"This process holds rows {rows} of a batch of {batch_size}, not one block of "
+            "equal-sized blocks; shard the batch dimension so each host's devices are contiguous "
+            "along the data axis."
+        )
+    return start // size, batch_size // size
+
+
+def global_batch(local_rows: np.ndarray, mesh: Mesh, spec: P) -> jax.Array:
+    """Assemble the hosts' rows into one global, sharded array.
+
+    Args:
+        local_rows: ``[rows_on_this_host, ...]``, this process's block of the global batch, as
+            given by `ChunkStream.next_local_batch` with `process_row_block`.
+        mesh: the device mesh.
+        spec: partition spec of the global batch.
+
+    Returns:
+        A `jax.Array` of the global shape (rows times the number of blocks), sharded by
+        ``NamedSharding(mesh, spec)``. With one process it equals ``jax.device_put``.
+    """
+    sharding = NamedSharding(mesh, spec)
+    return jax.make_array_from_process_local_data(sharding, local_rows)

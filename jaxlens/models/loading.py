@@ -168,13 +168,14 @@ def load_gguf_model(path: Path, *, dtype=jnp.float32, with_tokenizer=True) -> Su
     """Loads a llama-architecture GGUF file torch-free (weights dequantized to float32)."""
     from jaxlens.models import gguf
 
-    checkpoint = gguf.read_gguf(path)
+    gguf_file = gguf.GGUFFile.open(path)  # parsed once for the weights and the tokenizer
+    checkpoint = gguf.read_gguf(gguf_file)
     config = transformers.LlamaConfig(**checkpoint.config)
     flax_model = SubjectModel.flax_model_for(config, dtype)
     params = convert.params_from_torch_names(
         checkpoint.state_dict, flax_model.params_shape_tree, "model", dtype
     )
-    tokenizer = gguf.load_gguf_tokenizer(path) if with_tokenizer else None
+    tokenizer = gguf.load_gguf_tokenizer(gguf_file) if with_tokenizer else None
     return SubjectModel(
         config,
         jax.tree.map(jnp.asarray, params),
