@@ -27,7 +27,6 @@ _API = {
     "export_checkpoint": "jaxlens.lens_io",
     "PredictionTrajectory": "jaxlens.trajectory_lib",
     "train_and_evaluate": "jaxlens.train_lib",
-    "evaluate": "jaxlens.eval_lib",
     "evaluate_lens": "jaxlens.eval_lib",
 }
 

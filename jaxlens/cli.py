@@ -51,13 +51,22 @@ def run(
     argv = list(sys.argv if argv is None else argv)
     program = argv[0].rsplit("/", 1)[-1] if argv else "jaxlens"
     if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
-        print(f"usage: {program} [flags]\n\n{values.get_help()}")
+        usage = sys.modules[job.__module__].__doc__ or f"usage: {program} [flags]"
+        print(f"{usage.strip()}\n\n{values.get_help()}")
         return 0
-    values.unparse_flags()  # a second run in one process starts from the defaults again
+    # A second run in one process starts from the defaults again, without the `--config.*`
+    # override flags that ml_collections defined for the first.
+    for name in [name for name in values if "." in name]:
+        delattr(values, name)
+    values.unparse_flags()
+    # ml_collections reads `--config.*` overrides from sys.argv itself, not from `argv`.
+    saved_argv, sys.argv = sys.argv, argv
     try:
         rest = values(argv)
     except Exception as error:  # absl's flag errors, and config files that fail to load
         return _fail(_flag_message(error, argv), hint=f"see {program} --help", status=USAGE)
+    finally:
+        sys.argv = saved_argv
     if len(rest) > 1:
         return _fail(f"unexpected arguments: {' '.join(rest[1:])}", status=USAGE)
     logging.set_verbosity(values["verbosity"].value)

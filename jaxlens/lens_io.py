@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxlens import torch_format
 from jaxlens.checkpointing import METADATA_FILENAME, Checkpointer
+from jaxlens.hub_ids import is_hub_id
 from jaxlens.lens import Translators, TunedLens
 from jaxlens.models import SubjectModel
 
@@ -141,7 +142,7 @@ def resolve_lens_dir(source) -> pathlib.Path:
     if path.is_dir():
         return path
     text = str(source)
-    if text.startswith((".", "/", "~")) or path.suffix:
+    if not is_hub_id(text):
         raise FileNotFoundError(f"No lens directory at {path}.")
     from huggingface_hub import hf_hub_download
 

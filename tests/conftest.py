@@ -109,3 +109,21 @@ def run_command(command_module, *args: str) -> CommandResult:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = cli.run(command_module.FLAGS, command_module.job, ["jaxlens", *args])
     return CommandResult(status, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded SmolLM2-135M-Instruct, loaded torch-free by jaxlens."""
+    from jaxlens.models import load_embedded_default
+
+    return load_embedded_default()
+
+
+@pytest.fixture(scope="session")
+def torch_smollm2(smollm2_path):
+    """The same checkpoint loaded by transformers into a PyTorch Llama (the reference)."""
+    import torch
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+    ).eval()

@@ -35,13 +35,8 @@ def checkpoint(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def torch_model(smollm2_path):
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
-    )
+def torch_model(torch_smollm2):
+    return torch_smollm2
 
 
 def test_state_dict_equals_transformers_pytorch_loading(checkpoint, torch_model):

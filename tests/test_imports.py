@@ -88,10 +88,12 @@ def test_the_public_api():
         "export_checkpoint",
         "PredictionTrajectory",
         "train_and_evaluate",
-        "evaluate",
+        "evaluate_lens",
     ):
         assert callable(getattr(jaxlens, name)), name
     assert set(jaxlens.__all__) <= set(dir(jaxlens))
+    # No public name shadows a submodule (`from jaxlens import evaluate` is the command).
+    assert not {name for name in jaxlens.__all__ if (PACKAGE / f"{name}.py").exists()}
 
 
 def test_the_lens_classes_import_without_transformers_or_orbax():

@@ -217,13 +217,10 @@ def test_a_missing_lens_directory(tmp_path):
 # The real model ---------------------------------------------------------------------------
 
 
-def test_a_smollm2_lens_loads_in_tuned_lens_with_pytorch_smollm2(tmp_path):
-    import transformers
-
+def test_a_smollm2_lens_loads_in_tuned_lens_with_pytorch_smollm2(smollm2, torch_smollm2, tmp_path):
     from jaxlens import assets
-    from jaxlens.models import load_embedded_default
 
-    model = load_embedded_default()
+    model = smollm2
     ids = model.tokenize(assets.shakespeare_passage())[:, :128]
     optimizer, schedule = make_optimizer(num_steps=1)
     state = TrainState.create(Translators.zeros(model.num_layers, model.d_model), optimizer)
@@ -231,13 +228,8 @@ def test_a_smollm2_lens_loads_in_tuned_lens_with_pytorch_smollm2(tmp_path):
         state, model.params, ids
     )
     lens_dir = lens_io.save_lens(tmp_path / "lens", state.translators, model)
-
-    path = assets.smollm2_gguf_path()
-    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, torch_dtype=torch.float32
-    ).eval()
-    torch_lens = TorchTunedLens.from_model_and_pretrained(torch_model, lens_dir)
+    torch_lens = TorchTunedLens.from_model_and_pretrained(torch_smollm2, lens_dir)
     got = _jax_logits(model, state.translators, ids[:, :32])
-    want = _torch_logits(torch_model, torch_lens, ids[:, :32])
+    want = _torch_logits(torch_smollm2, torch_lens, ids[:, :32])
     relative = np.abs(got - want).max() / np.abs(want).max()
     assert relative < 1e-3, relative

@@ -18,6 +18,8 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
+from jaxlens.hub_ids import is_hub_id
+
 _TEXT_SUFFIXES = (".txt",)
 _DATASETS_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -127,15 +129,9 @@ def _read_source(source, text_field, split, hub_config, block: _Block) -> list[s
             f"{path} is a {path.suffix or 'suffix-less'} file; supported files are .txt, .jsonl, "
             ".json and .parquet."
         )
-    if _looks_like_path(source):
+    if not is_hub_id(source):
         raise FileNotFoundError(f"No file or directory at {path} (from data source {source!r}).")
     return _read_hub(source, hub_config, split, text_field, block)
-
-
-def _looks_like_path(source: str) -> bool:
-    """Whether ``source`` is meant as a local path rather than a hub name like ``owner/name``."""
-    known = _TEXT_SUFFIXES + tuple(_DATASETS_BUILDERS)
-    return source.startswith((".", "/", "~")) or source.endswith(known + ("/",))
 
 
 def _read_txt_files(files: Sequence[pathlib.Path], where: str, block: _Block) -> list[str]:

@@ -19,6 +19,7 @@ import transformers
 from flax import serialization
 from safetensors.numpy import load_file
 
+from jaxlens.hub_ids import is_hub_id
 from jaxlens.models import convert, families
 from jaxlens.models.subject import SubjectModel
 
@@ -63,16 +64,9 @@ def load_model(
         return load_gguf_model(path, dtype=dtype, with_tokenizer=with_tokenizer)
     if path.is_dir():
         return load_model_dir(path, dtype=dtype, with_tokenizer=with_tokenizer)
-    if _looks_like_path(text):
+    if not is_hub_id(text):
         raise FileNotFoundError(f"No model at {path}: expected a directory or a .gguf file.")
     return _load_from_hub(text, revision=revision, dtype=dtype, with_tokenizer=with_tokenizer)
-
-
-def _looks_like_path(text: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else is meant as a path.
-    return (
-        text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
-    )
 
 
 def _load_from_hub(repo_id, *, revision, dtype, with_tokenizer) -> SubjectModel:
@@ -81,7 +75,7 @@ def _load_from_hub(repo_id, *, revision, dtype, with_tokenizer) -> SubjectModel:
     try:
         local = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES)
     except Exception as error:  # offline, unknown id, gated repo...
-        raise OSError(
+        raise FileNotFoundError(
             f"{repo_id!r} is not a local path, and fetching it from the Hugging Face hub failed "
             f"({type(error).__name__}: {error}). Give a local directory or .gguf file, or check "
             "the id and your network."
