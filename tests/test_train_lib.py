@@ -79,10 +79,11 @@ def test_a_killed_run_resumes_to_the_same_lens_and_data_order(tiny_lm, text_dir,
         process.kill()
     resumed_records = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert resumed_records[-1]["step"] < 60, "the run finished before it was killed"
-    subprocess.run(_train_command(tiny_lm, text_dir, killed, *steps), cwd=REPO, check=True)
-
+    # The resumed and the uninterrupted run need no process of their own.
+    config = _config(tiny_lm, text_dir, num_steps=60, checkpoint_every=4, keep_checkpoints=50)
+    train_lib.train_and_evaluate(config, killed)
     whole = tmp_path / "whole"
-    subprocess.run(_train_command(tiny_lm, text_dir, whole, *steps), cwd=REPO, check=True)
+    train_lib.train_and_evaluate(config, whole)
 
     a = lens_io.restore_translators(killed)
     b = lens_io.restore_translators(whole)
