@@ -5,7 +5,7 @@ on `configs/base.py`'s defaults (tuned-lens's SGD Nesterov recipe, KL loss, chun
 one micro-batch), jitted with the state donated and compiled ahead of time
 (`lower(...).compile()`), exactly as `train_lib.train_and_evaluate` does before its loop. The
 loop then dispatches steps without fetching anything, as `train_lib` does between log steps, and
-blocks once at the end. The evaluation step is `evaluate.make_eval_step` (logit and tuned lens:
+blocks once at the end. The evaluation step is `eval_lib.make_eval_step` (logit and tuned lens:
 KL, cross-entropy, entropy per layer), also compiled ahead of time.
 
 Importing this module imports jax and jaxlens; the import time is reported (`IMPORT_S`).
@@ -27,10 +27,11 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from bench import flops  # noqa: E402
 from bench.memory import RssSampler  # noqa: E402
 from configs import base  # noqa: E402
-from jaxlens import train_lib  # noqa: E402
-from jaxlens.evaluate import make_eval_step  # noqa: E402
+from jaxlens import job  # noqa: E402
+from jaxlens.eval_lib import make_eval_step  # noqa: E402
 from jaxlens.lens import Translators  # noqa: E402
 from jaxlens.optim import optimizer_from_config  # noqa: E402
+from jaxlens.sharding import make_mesh, model_param_shardings  # noqa: E402
 from jaxlens.step import TrainState, make_train_step  # noqa: E402
 
 IMPORT_S = time.perf_counter() - _began
@@ -56,13 +57,14 @@ class Runner:
     def __init__(self, spec: dict):
         self.config = config = make_config(spec)
         began = time.perf_counter()
-        self.model = model = train_lib.load_subject(config)
+        self.model = model = job.load_subject(config)
         self.load_s = time.perf_counter() - began
-        train_lib.check_config(config, model)
-        self.mesh = mesh = train_lib.make_mesh(config.mesh.data, config.mesh.model)
-        self.batch_size = train_lib.sequences_per_step(config, mesh)
+        job.validate_config(config)
+        job.check_against_model(config, model)
+        self.mesh = mesh = make_mesh(config.mesh.data, config.mesh.model)
+        self.batch_size = job.sequences_per_step(config, mesh)
         self.optimizer, schedule = optimizer_from_config(config)
-        param_shardings = train_lib.model_param_shardings(model.params, mesh, False)
+        param_shardings = model_param_shardings(model.params, mesh, False)
         self.params = jax.device_put(model.params, param_shardings)
         self.batch_sharding = NamedSharding(mesh, P("data"))
         replicated = NamedSharding(mesh, P())

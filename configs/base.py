@@ -48,7 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.bias = True  # translators have a bias
     c.bias_only = False  # train only the biases
-    c.init_lens = ""  # warm start: a jaxlens workdir whose latest checkpoint seeds the lens
+    c.init_lens = ""  # warm start: a tuned-lens directory or jaxlens workdir seeds the lens
+
+    c.init = ml_collections.ConfigDict()
+    # "zeros": tuned-lens's start (the logit lens); "least_squares": a closed-form fit first
+    c.init.method = "zeros"
+    c.init.tokens = 8192  # least_squares: training tokens the fit reads (the split's first)
+    c.init.ridge = 1e-3  # least_squares: ridge strength, relative to the mean eigenvalue of X^T X
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis (-1 = all that remain)

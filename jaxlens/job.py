@@ -11,6 +11,7 @@ ValueError (or FileNotFoundError) whose message names the field to change.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,8 @@ from jaxlens.sharding import make_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LOSSES = ("kl", "ce")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "muon")
+INIT_METHODS = ("zeros", "least_squares")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +68,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _one_of("optimizer", config.optimizer, OPTIMIZERS)
     if not config.data.source:
         raise ValueError("Set --config.data.source to a text file, directory, glob or dataset.")
+    _one_of("init.method", config.init.method, INIT_METHODS)
+    closed_form = config.init.method == "least_squares"
+    # A closed-form fit is a lens by itself: fine-tuning it is optional.
+    if config.num_steps < (0 if closed_form else 1):
+        raise ValueError(
+            f"--config.num_steps={config.num_steps} must be at least 1"
+            + (" (or 0 with --config.init.method=least_squares)." if not closed_form else ".")
+        )
+    if closed_form:
+        if config.init_lens:
+            raise ValueError(
+                "--config.init_lens and --config.init.method=least_squares both set the start; "
+                "choose one."
+            )
+        if config.init.tokens < config.data.seq_len:
+            raise ValueError(
+                f"--config.init.tokens={config.init.tokens} must be at least one sequence "
+                f"(--config.data.seq_len={config.data.seq_len})."
+            )
+        if not math.isfinite(config.init.ridge) or config.init.ridge < 0:
+            raise ValueError(
+                f"--config.init.ridge={config.init.ridge} must be a finite number >= 0 (e.g. 1e-3)."
+            )
     for field in (
-        "num_steps",
         "micro_batches",
         "chunk_tokens",
         "checkpoint_every",

@@ -11,6 +11,12 @@ with it the best `lr_scale` is about 1.
 Adam option: AMSGrad with betas (momentum, 0.999), lr `lr_scale * 1e-3`, and a warmup of
 min(1000, num_steps // 5) steps that really applies (tuned-lens means to warm up Adam, but compares
 an enum with a string, so its warmup is silently zero).
+
+Muon option (optax.contrib): the kernels' updates are orthogonalised per layer (Newton-Schulz on
+each `[d, d]` slice of the bank, the layer axis a batch axis), lr `lr_scale * 0.02` with Nesterov
+momentum `momentum`; the biases take Adam at `lr_scale * 1e-3`. Weight decay is Muon's own,
+decoupled (`W -= lr * decay * W`), which in the residual form again pulls towards the identity.
+Same warmup default as Adam.
 """
 
 from __future__ import annotations
@@ -68,13 +74,14 @@ def make_optimizer(
 
     Args:
       num_steps: optimizer steps in the run (the schedule reaches 0 there).
-      optimizer: "sgd" (Nesterov) or "adam" (AMSGrad).
-      lr_scale: multiplies the default learning rate (1 - momentum for SGD, 1e-3 for Adam).
+      optimizer: "sgd" (Nesterov), "adam" (AMSGrad) or "muon".
+      lr_scale: multiplies the default learning rate (1 - momentum for SGD, 1e-3 for Adam, 0.02
+        for Muon's kernels).
       momentum: SGD momentum, or Adam's beta1.
       weight_decay: coupled (L2-in-gradient) decay, as PyTorch's SGD/Adam `weight_decay`; in the
         residual parametrisation it pulls each translator towards the identity.
       clip_norm: global gradient-norm clip (0 disables).
-      warmup_steps: None for the default (0 for SGD, min(1000, num_steps // 5) for Adam).
+      warmup_steps: None for the default (0 for SGD, min(1000, num_steps // 5) otherwise).
       bias_only: train only the biases; the kernels are frozen (no decay either).
     """
     if optimizer == "sgd":
@@ -87,17 +94,38 @@ def make_optimizer(
         warmup = min(1000, num_steps // 5) if warmup_steps is None else warmup_steps
         schedule = learning_rate_schedule(peak, num_steps, warmup)
         core = optax.scale_by_amsgrad(b1=momentum, b2=0.999, eps=1e-8)
+    elif optimizer == "muon":
+        peak = lr_scale * 0.02
+        warmup = min(1000, num_steps // 5) if warmup_steps is None else warmup_steps
+        schedule = learning_rate_schedule(peak, num_steps, warmup)
+        bias_schedule = learning_rate_schedule(lr_scale * 1e-3, num_steps, warmup)
+        muon = optax.contrib.muon(
+            schedule,
+            beta=momentum,
+            weight_decay=weight_decay,
+            adam_learning_rate=bias_schedule,
+            # Each layer's [d_in, d_out] kernel is one matrix; the biases go to Adam.
+            muon_weight_dimension_numbers=Translators(
+                kernel_ldd=optax.contrib.MuonDimensionNumbers(1, 2), bias_ld=None
+            ),
+        )
+        parts = [clip_by_global_norm_like_torch(clip_norm)] if clip_norm else []
+        return _only_biases(optax.chain(*parts, muon), bias_only), schedule
     else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adam'; got {optimizer!r}.")
+        raise ValueError(f"optimizer must be 'sgd', 'adam' or 'muon'; got {optimizer!r}.")
     parts = [clip_by_global_norm_like_torch(clip_norm)] if clip_norm else []
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
     parts += [core, optax.scale_by_learning_rate(schedule)]
-    tx = optax.chain(*parts)
-    if bias_only:
-        labels = Translators(kernel_ldd="frozen", bias_ld="train")
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    return tx, schedule
+    return _only_biases(optax.chain(*parts), bias_only), schedule
+
+
+def _only_biases(tx: optax.GradientTransformation, bias_only: bool):
+    """`tx` on the biases alone, the kernels frozen, when `bias_only`; else `tx`."""
+    if not bias_only:
+        return tx
+    labels = Translators(kernel_ldd="frozen", bias_ld="train")
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def optimizer_from_config(config) -> tuple[optax.GradientTransformation, optax.Schedule]:

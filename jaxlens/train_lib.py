@@ -79,8 +79,12 @@ def run_metadata(config, model: SubjectModel) -> dict:
     }
 
 
-def initial_translators(config, model: SubjectModel) -> Translators:
-    """Zero translators (= the logit lens), or a warm start from `config.init_lens`."""
+def initial_translators(config, setup: job.Job, model_params) -> Translators:
+    """Where training starts: zero translators (= the logit lens, tuned-lens's start), a warm
+    start from `config.init_lens`, or a closed-form least-squares fit (`config.init`)."""
+    model = setup.model
+    if config.init.method == "least_squares":
+        return _closed_form(config, setup, model_params)
     if not config.init_lens:
         return Translators.zeros(model.num_layers, model.d_model, bias=config.bias)
     bank = lens_io.load_translators(config.init_lens, model)
@@ -95,6 +99,35 @@ def initial_translators(config, model: SubjectModel) -> Translators:
     return bank
 
 
+def _closed_form(config, setup: job.Job, model_params) -> Translators:
+    from jaxlens import closed_form
+
+    seq_len, available = config.data.seq_len, len(setup.train.chunks)
+    sequences = -(-config.init.tokens // seq_len)
+    if sequences > available:
+        raise ValueError(
+            f"--config.init.tokens={config.init.tokens} needs {sequences} sequences of {seq_len} "
+            f"tokens, but the training split has {available} ({available * seq_len} tokens); "
+            "lower --config.init.tokens or give more text."
+        )
+    began = time.perf_counter()
+    bank = closed_form.fit_translators(
+        setup.model,
+        setup.train.chunks[:sequences],
+        ridge=config.init.ridge,
+        batch_size=config.eval_batch_size,
+        mesh=setup.mesh,
+        model_params=model_params,
+        shard_model_params=config.mesh.shard_model_params,
+        bias=config.bias,
+    )
+    _say(
+        f"Closed-form least-squares fit on {sequences * seq_len} tokens "
+        f"(ridge {config.init.ridge}) in {time.perf_counter() - began:.1f} s."
+    )
+    return bank
+
+
 def _train_and_evaluate(setup: job.Job, workdir: pathlib.Path) -> dict:
     config, mesh, model = setup.config, setup.mesh, setup.model
     _say(f"Subject model: {model}")
@@ -105,12 +138,12 @@ def _train_and_evaluate(setup: job.Job, workdir: pathlib.Path) -> dict:
     optimizer, schedule = optimizer_from_config(config)
     param_shardings = model_param_shardings(model.params, mesh, config.mesh.shard_model_params)
     model_params = put(model.params, param_shardings)
-    start_bank = initial_translators(config, model)
 
-    def init():
-        return TrainState.create(start_bank, optimizer)
+    def init(bank):
+        return TrainState.create(bank, optimizer)
 
-    abstract_state = jax.eval_shape(init)
+    zeros = Translators.zeros(model.num_layers, model.d_model, bias=config.bias)
+    abstract_state = jax.eval_shape(init, zeros)
     state_shardings = bank_shardings(mesh, abstract_state)
     batch_sharding = NamedSharding(mesh, P("data"))
     step_fn = jax.jit(
@@ -153,9 +186,12 @@ def _train_and_evaluate(setup: job.Job, workdir: pathlib.Path) -> dict:
                 setup.train.chunks, extra["data"], seed=config.seed
             )
             _say(f"Resumed from step {start} (data position {stream.position}).")
-        else:
-            state = jax.jit(init, out_shardings=state_shardings)()
+        else:  # the start is computed only here: a resumed run never refits or reloads it
+            bank = initial_translators(config, setup, model_params)
+            state = jax.jit(init, out_shardings=state_shardings)(bank)
             start = 0
+            if config.init.method != "zeros" or config.init_lens:  # worth keeping at once
+                checkpointer.save(0, state.checkpoint_items(), {"data": stream.state()}, force=True)
 
         block = process_row_block(mesh, P("data"), (batch_size, config.data.seq_len))
 
@@ -166,11 +202,12 @@ def _train_and_evaluate(setup: job.Job, workdir: pathlib.Path) -> dict:
             (batch_size, config.data.seq_len), jnp.int32, sharding=batch_sharding
         )
         # Compile before the first step so that memory errors surface now, not mid-run.
-        compiled = step_fn.lower(state, model_params, ids_shape).compile()
+        if start < config.num_steps:
+            step_fn = step_fn.lower(state, model_params, ids_shape).compile()
         tokens_per_step = batch_size * config.data.seq_len
         began = time.perf_counter()
-        for step in range(start, config.num_steps):
-            state, metrics = compiled(state, model_params, next_batch())
+        for step in range(start, config.num_steps):  # none with num_steps=0: the start is the lens
+            state, metrics = step_fn(state, model_params, next_batch())
             done = step + 1
             last = done == config.num_steps
             if done % config.log_every == 0 or last or done % config.checkpoint_every == 0:

@@ -59,7 +59,15 @@ def _train_command(model_dir, text_dir, workdir, *extra):
 
 
 def test_a_killed_run_resumes_to_the_same_lens_and_data_order(tiny_lm, text_dir, tmp_path):
-    steps = ["--config.num_steps=60", "--config.checkpoint_every=4", "--config.keep_checkpoints=50"]
+    """A closed-form start, then SGD: killed after a checkpoint, it resumes (without refitting)
+    to the lens and the per-step losses of an uninterrupted run."""
+    steps = [
+        "--config.num_steps=60",
+        "--config.checkpoint_every=4",
+        "--config.keep_checkpoints=50",
+        "--config.init.method=least_squares",
+        "--config.init.tokens=256",
+    ]
     killed = tmp_path / "killed"
     process = subprocess.Popen(
         _train_command(tiny_lm, text_dir, killed, *steps),
@@ -80,7 +88,14 @@ def test_a_killed_run_resumes_to_the_same_lens_and_data_order(tiny_lm, text_dir,
     resumed_records = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert resumed_records[-1]["step"] < 60, "the run finished before it was killed"
     # The resumed and the uninterrupted run need no process of their own.
-    config = _config(tiny_lm, text_dir, num_steps=60, checkpoint_every=4, keep_checkpoints=50)
+    config = _config(
+        tiny_lm,
+        text_dir,
+        num_steps=60,
+        checkpoint_every=4,
+        keep_checkpoints=50,
+        **{"init.method": "least_squares", "init.tokens": 256},
+    )
     train_lib.train_and_evaluate(config, killed)
     whole = tmp_path / "whole"
     train_lib.train_and_evaluate(config, whole)
@@ -146,12 +161,35 @@ def _assert_same_evaluation(a, b):
         ({"tokens_per_step": 0}, "must be a positive multiple of --config.data.seq_len=32"),
         ({"data.seq_len": 128, "tokens_per_step": 512}, "exceeds the model's 64 positions"),
         ({"micro_batches": 3}, "do not divide into 1 data-parallel devices x 3 micro-batches"),
+        (
+            {"init.method": "least_squares", "init.tokens": 10**7},
+            r"--config.init.tokens=10000000 needs 312500 sequences of 32 tokens, but the "
+            r"training split has \d+",
+        ),
+        (
+            {"init.method": "least_squares", "init.ridge": 0.0, "init.tokens": 32},
+            "singular",
+        ),
     ],
 )
 def test_bad_config_is_refused_before_training(tiny_lm, text_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train_lib.train_and_evaluate(_config(tiny_lm, text_dir, **overrides), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_closed_form_alone_is_a_lens_far_better_than_the_logit_lens(
+    tiny_lm, text_dir, tmp_path
+):
+    """num_steps=0: the fit is the lens; it is checkpointed (step 0), evaluated and exported."""
+    config = _config(tiny_lm, text_dir, num_steps=0, **{"init.method": "least_squares"})
+    result = train_lib.train_and_evaluate(config, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["0"]
+    assert not (tmp_path / "metrics.jsonl").exists()
+    tuned, logit = np.array(result["tuned"]["kl_nats"]), np.array(result["logit"]["kl_nats"])
+    assert np.all(tuned < logit) and tuned.mean() < 0.5 * logit.mean()
+    bank = lens_io.restore_translators(tmp_path)
+    assert np.abs(bank.kernel_ldd).max() > 0 and np.all(np.asarray(bank.bias_ld) == 0)
 
 
 def test_a_failed_start_leaves_no_workdir_behind(tiny_lm, text_dir, tmp_path):
