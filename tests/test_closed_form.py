@@ -17,6 +17,7 @@ import tiny_models
 from jaxlens.closed_form import (
     Accumulator,
     Statistics,
+    accumulate_statistics,
     batch_statistics,
     fit_translators,
     solve,
@@ -53,22 +54,26 @@ def _relative(got, want):
     return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
-def _reference(hidden_lbtd, decoder, ridge, *, fit_bias=False, skip_positions=0):
+def _reference(hidden_lbtd, decoder, ridge, *, fit_bias=False, skip_positions=0, keep_lbt=None):
     """Float64 numpy: the same fit as a direct least-squares solve of the stacked system
-    [X; sqrt(r) I] M = [Y; 0] (the bias column, if any, unpenalised). Returns (M_ldd, bias_ld)."""
+    [X; sqrt(r) I] M = [Y; 0] (the bias column, if any, unpenalised), on the tokens `keep_lbt`
+    (default all) after the first `skip_positions`. Returns (M_ldd, bias_ld)."""
     h = np.asarray(hidden_lbtd, np.float64)[:, :, skip_positions:]
     d = h.shape[-1]
+    if keep_lbt is None:
+        keep_lbt = np.ones(h.shape[:-1], bool)[:-1]
     final = h[-1].reshape(-1, d)
     if decoder.norm_bias_d is not None:
         final = final - np.asarray(decoder.norm_bias_d, np.float64)
     scale = np.asarray(decoder.norm_scale_d, np.float64)
     scale = 1 + scale if decoder.norm_kind == "gemma_rmsnorm" else scale
-    y = final / np.where(scale == 0, 1, scale)
     ms, bs = [], []
     for layer in range(h.shape[0] - 1):
-        raw = h[layer].reshape(-1, d)
+        keep = keep_lbt[layer].reshape(-1)
+        raw = h[layer].reshape(-1, d)[keep]
         rms = np.sqrt((raw**2).mean(-1, keepdims=True))
         x = raw / rms
+        y = final[keep] / np.where(scale == 0, 1, scale)
         r = ridge * np.trace(x.T @ x) / d
         design = np.hstack([x, np.ones((len(x), 1))]) if fit_bias else x
         penalty = np.sqrt(r) * np.eye(d, design.shape[1])
@@ -103,6 +108,26 @@ def test_skipped_positions_are_left_out_of_the_fit(tiny):
     bank = fit_translators(model, ids, ridge=1e-3, batch_size=4, skip_positions=2, bias=False)
     want, _ = _reference(model(ids).hidden_lbtd, model.decoder(), 1e-3, skip_positions=2)
     assert bank.bias_ld is None
+    assert _relative(np.asarray(bank.kernel_ldd, np.float64) + np.eye(model.d_model), want) < 1e-5
+
+
+def test_tokens_with_an_outsized_residual_are_left_out_of_the_fit(tiny):
+    """max_rms_ratio drops, per layer and batch, the tokens whose residual RMS exceeds that
+    multiple of the batch's median RMS at the layer."""
+    _, model = tiny("gpt2")
+    ids = _ids(model)
+    hidden = np.concatenate([np.asarray(model(ids[i : i + 4]).hidden_lbtd) for i in (0, 4, 8)], 1)
+    rms = np.sqrt((hidden[:-1].astype(np.float64) ** 2).mean(-1))
+    keep = np.concatenate(
+        [
+            rms[:, i : i + 4] <= 1.3 * np.median(rms[:, i : i + 4], axis=(1, 2), keepdims=True)
+            for i in (0, 4, 8)
+        ],
+        1,
+    )
+    assert 0 < (~keep).sum() < keep.size / 4
+    bank = fit_translators(model, ids, ridge=1e-3, batch_size=4, max_rms_ratio=1.3)
+    want, _ = _reference(hidden, model.decoder(), 1e-3, keep_lbt=keep)
     assert _relative(np.asarray(bank.kernel_ldd, np.float64) + np.eye(model.d_model), want) < 1e-5
 
 
@@ -177,6 +202,18 @@ def test_an_exact_linear_map_is_recovered(norm_kind):
         assert _relative(got, want) < 1e-5
 
 
+def test_a_large_ridge_pulls_towards_zero_or_towards_the_identity():
+    """||M||² shrinks the map to 0 (kernel -I, a lens that erases the layer); with
+    towards_identity, ||M - I||² shrinks the translator to the logit lens (kernel 0)."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, 64, 8)), jnp.float32)
+    stats = batch_statistics(x, 2 * x[0], jnp.ones(x.shape[:-1]), jnp.ones(x.shape[:-1]))
+    np.testing.assert_allclose(solve(stats, ridge=1e8).kernel_ldd[0], -np.eye(8), atol=1e-6)
+    np.testing.assert_allclose(
+        solve(stats, ridge=1e8, towards_identity=True).kernel_ldd[0], 0, atol=1e-6
+    )
+    np.testing.assert_allclose(solve(stats, ridge=1e-9).kernel_ldd[0], np.eye(8), atol=1e-5)
+
+
 def test_the_compensated_sum_is_exact_where_float32_addition_is_not():
     big, small, count = 1e4, 1e-3, 2000
     values = [big] + [small] * count
@@ -199,6 +236,19 @@ def test_batch_order_does_not_change_the_fit(tiny):
     b = fit_translators(model, ids[order], ridge=1e-4, batch_size=3).kernel_ldd
     eye = np.eye(model.d_model)
     assert _relative(np.asarray(b) + eye, np.asarray(a, np.float64) + eye) < 1e-5
+
+
+def test_the_float32_fallback_agrees_with_float64(tiny):
+    """Backends without float64 (TPU) sum in compensated float32; on a tiny, well-conditioned
+    model that agrees with the float64 sums (real models are worse: bench/closed_form_measure)."""
+    _, model = tiny("llama")
+    ids = _ids(model)
+    want = np.asarray(fit_translators(model, ids, ridge=1e-3, dtype=jnp.float64).kernel_ldd)
+    acc = accumulate_statistics(model, ids, batch_size=4, dtype=jnp.float32)
+    assert acc.compensation is not None and acc.dtype == jnp.float32
+    got = solve(acc, ridge=1e-3).kernel_ldd
+    eye = np.eye(model.d_model)
+    assert _relative(np.asarray(got) + eye, want + eye) < 2e-5
 
 
 _MESHES = """
