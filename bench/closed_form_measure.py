@@ -10,7 +10,7 @@ and the larger budget (about 3 minutes):
 Data as in configs/smollm2_shakespeare.py: sequences of 256 tokens, 8 held-out sequences picked by
 seed 42; the fit's sequences are a seeded random draw from the training split. Held-out KL is the
 mean over the 30 layers of KL(model || lens) in nats on all 2048 held-out tokens, computed by
-`jaxlens.losses.layer_metrics` (what `jaxlens.evaluate.evaluate` runs; the last row checks one
+`jaxlens.metrics.layer_metrics` (what `jaxlens.eval_lib.evaluate` runs; the last row checks one
 lens against `evaluate` itself). "fit s" is the wall time of the statistics pass over the budget
 (compilation included) plus the solve.
 """
@@ -29,9 +29,9 @@ from jaxlens import assets
 from jaxlens import data as data_lib
 from jaxlens.closed_form import accumulate_statistics, fold, solve
 from jaxlens.closed_form.statistics import Accumulator, observed_coordinates
-from jaxlens.evaluate import evaluate
-from jaxlens.lens import Translators, TunedLens
-from jaxlens.losses import layer_metrics
+from jaxlens.eval_lib import evaluate
+from jaxlens.lens import Translators
+from jaxlens.metrics import layer_metrics
 from jaxlens.models import load_model
 
 BUDGETS = (2048, 4096, 8192, 16384)
@@ -138,7 +138,7 @@ def main():
             variant=label,
         )
 
-    # The same lens through jaxlens.evaluate.evaluate (forward included, both lenses).
+    # The same lens through jaxlens.eval_lib.evaluate (forward included, both lenses).
     bank, _ = timed_solve(acc, ridge=ridge, observed_d=observed)
     t = time.perf_counter()
     official = evaluate(
@@ -188,8 +188,7 @@ def held_out_kl(model, sequences_nt):
 
     @jax.jit
     def kl_l(bank, decoder, hidden, ids):  # all arguments: no constant folding of [t, V] logits
-        lens = TunedLens(decoder=decoder, translators=bank)
-        return layer_metrics(lens, hidden[:-1], hidden[-1], ids, chunk_tokens=1024)["kl"]
+        return layer_metrics(decoder, bank, hidden[:-1], hidden[-1], ids, chunk_tokens=1024)["kl"]
 
     def per_layer(bank):
         if bank.bias_ld is None:

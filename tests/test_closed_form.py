@@ -24,8 +24,8 @@ from jaxlens.closed_form import (
     targets,
     unit_inputs,
 )
+from jaxlens.decoder import Decoder
 from jaxlens.models import load_model
-from jaxlens.models.decoder import Decoder
 
 NORM_KINDS = {"gpt2": "layernorm", "llama": "rmsnorm", "gemma": "gemma_rmsnorm"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -42,10 +42,16 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlens.data import global_batch, process_row_block
+from jaxlens.decoder import Decoder
 from jaxlens.models import SubjectModel
-from jaxlens.models.decoder import Decoder
-from jaxlens.sharding import bank_shardings, make_mesh, model_param_shardings, put
+from jaxlens.sharding import (
+    bank_shardings,
+    global_batch,
+    make_mesh,
+    model_param_shardings,
+    process_row_block,
+    put,
+)
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # no bf16/TF32 passes on accelerators
 
