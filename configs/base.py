@@ -51,8 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_lens = ""  # warm start: a tuned-lens directory or jaxlens workdir seeds the lens
 
     c.init = ml_collections.ConfigDict()
-    # "zeros": tuned-lens's start (the logit lens); "least_squares": a closed-form fit first
-    c.init.method = "zeros"
+    c.init.method = "zeros"  # "zeros": tuned-lens's start; "least_squares": closed-form fit first
     c.init.tokens = 16384  # least_squares: training tokens the fit reads (the split's first)
     c.init.ridge = 1e-3  # least_squares: ridge strength, relative to the mean eigenvalue of X^T X
 
