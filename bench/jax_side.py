@@ -84,7 +84,7 @@ class Runner:
             out_shardings=(replicated, replicated),
             donate_argnames=("state",),
         )
-        self.eval_fn = jax.jit(make_eval_step(model, chunk_tokens=config.chunk_tokens))
+        self.eval_fn = jax.jit(make_eval_step(model, chunk_tokens=config.eval_chunk_tokens))
 
     def facts(self, seq_len: int) -> dict:
         return flops.model_facts(self.model.config, seq_len)

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokens_per_step = 2**18  # tokens per optimizer step (tuned-lens: 2^18)
     c.micro_batches = 1  # gradient-accumulation micro-batches per step (inside one jit)
     c.chunk_tokens = 2048  # tokens per loss chunk: [chunk, vocab] is the largest lens array
+    c.eval_chunk_tokens = 128  # tokens per evaluation chunk (128: a [chunk, vocab] in CPU cache)
 
     c.loss = "kl"  # "kl": KL(model output || lens), or "ce": next-token cross-entropy
     c.token_shift = -1  # -1 = the loss's default (kl: 0, ce: 1)

@@ -31,7 +31,7 @@ from jaxlens.sharding import (
 )
 
 
-def make_eval_step(model: SubjectModel, *, chunk_tokens: int = 2048, layer_transfer=False):
+def make_eval_step(model: SubjectModel, *, chunk_tokens: int = 128, layer_transfer=False):
     """`eval_step(translators, model_params, ids_bt)` -> per-layer metrics of both lenses."""
 
     def eval_step(translators, model_params, ids_bt):
@@ -60,7 +60,7 @@ def evaluate(
     *,
     nats_to_bpb: float,
     batch_size: int = 4,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = 128,
     model_params=None,
     layer_transfer: bool = False,
     mesh: Mesh | None = None,
@@ -169,7 +169,7 @@ def evaluate_lens(
         sequences,
         nats_to_bpb=heldout.nats_to_bpb,
         batch_size=config.eval_batch_size,
-        chunk_tokens=config.chunk_tokens,
+        chunk_tokens=config.eval_chunk_tokens,
         layer_transfer=layer_transfer,
         mesh=setup.mesh,
         shard_model_params=config.mesh.shard_model_params,

@@ -94,6 +94,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for field in (
         "micro_batches",
         "chunk_tokens",
+        "eval_chunk_tokens",
         "checkpoint_every",
         "keep_checkpoints",
         "log_every",

@@ -43,29 +43,35 @@ def _evaluation_chunks(h_lbtd, input_ids_bt, chunk):
 class _Stats(NamedTuple):
     """Per-token facts of logits z `[c, V]`, kept free of large offsets for float32 accuracy:
     `shifted = z - max z`, `log_total = log sum exp(shifted)` (so lse = max z + log_total),
-    next-token cross-entropy `ce` and the entropy of softmax(z)."""
+    next-token cross-entropy `ce`, the entropy of q = softmax(z), and, when a distribution p was
+    given, `cross = sum_v p_v log q_v` (minus the cross-entropy from p to q)."""
 
     shifted: jax.Array
     log_total: jax.Array
     ce: jax.Array
     entropy: jax.Array
+    cross: jax.Array | None
 
 
-def _softmax_stats(z_cv: jax.Array, labels_c: jax.Array) -> _Stats:
-    # Entropy as log_total - sum_v q_v shifted_v rather than lse - sum_v q_v z_v: the latter
-    # cancels two numbers of the logits' size and loses digits when logits are large.
+def _add(a: tuple, b: tuple) -> tuple:
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+def _softmax_stats(z_cv: jax.Array, labels_c: jax.Array, p_cv: jax.Array | None = None) -> _Stats:
+    # Entropy as log_total - sum_v q_v shifted_v rather than lse - sum_v q_v z_v, and the cross
+    # term as sum_v p_v shifted_v - log_total: the textbook forms cancel two numbers of the
+    # logits' size and lose digits when logits are large. The sums over the vocabulary are one
+    # variadic reduction, so the `[c, V]` block is read once after its max, not once per sum.
     shifted = z_cv - jax.lax.stop_gradient(z_cv.max(-1, keepdims=True))
     e = jnp.exp(shifted)
-    total = e.sum(-1)
+    operands = (e, e * shifted) + (() if p_cv is None else (p_cv * shifted,))
+    sums = jax.lax.reduce(operands, (jnp.float32(0),) * len(operands), _add, (1,))
+    total, e_shifted = sums[0], sums[1]
     log_total = jnp.log(total)
     ce = log_total - jnp.take_along_axis(shifted, labels_c[:, None], axis=-1)[:, 0]
-    entropy = log_total - (e * shifted).sum(-1) / total
-    return _Stats(shifted, log_total, ce, entropy)
-
-
-def _cross_term(p_cv: jax.Array, stats: _Stats) -> jax.Array:
-    """sum_v p_v log q_v for the distribution q the stats describe (-cross-entropy from p)."""
-    return (p_cv * stats.shifted).sum(-1) - stats.log_total
+    entropy = log_total - e_shifted / total
+    cross = None if p_cv is None else sums[2] - log_total
+    return _Stats(shifted, log_total, ce, entropy, cross)
 
 
 def _lensed(decoder: Decoder, translators: Translators | None):
@@ -119,8 +125,8 @@ def layer_metrics(
         neg_entropy_c = -model_stats.entropy
 
         def one_layer(_, layer_xs):
-            lens_stats = _softmax_stats(logits(layer_xs), labels_c)
-            kl = neg_entropy_c - _cross_term(p, lens_stats)
+            lens_stats = _softmax_stats(logits(layer_xs), labels_c, p)
+            kl = neg_entropy_c - lens_stats.cross
             return None, jnp.stack(
                 [
                     (kl * weight_c).sum(),
@@ -179,8 +185,8 @@ def transfer_metrics(
             neg_entropy_c = -own.entropy
 
             def one_translator(_, translator_xs):
-                moved = _softmax_stats(decoder(translate(*translator_xs, h_cd)), labels_c)
-                kl = neg_entropy_c - _cross_term(p, moved)
+                moved = _softmax_stats(decoder(translate(*translator_xs, h_cd)), labels_c, p)
+                kl = neg_entropy_c - moved.cross
                 return None, jnp.stack([(moved.ce * next_weight_c).sum(), (kl * weight_c).sum()])
 
             _, sums_i2 = jax.lax.scan(

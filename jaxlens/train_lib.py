@@ -226,7 +226,7 @@ def _train_and_evaluate(setup: job.Job, workdir: pathlib.Path) -> dict:
         setup.heldout.chunks,
         nats_to_bpb=setup.heldout.nats_to_bpb,
         batch_size=config.eval_batch_size,
-        chunk_tokens=config.chunk_tokens,
+        chunk_tokens=config.eval_chunk_tokens,
         model_params=model_params,
         mesh=mesh,
         shard_model_params=config.mesh.shard_model_params,
