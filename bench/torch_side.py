@@ -164,6 +164,31 @@ def throughput(spec: dict) -> dict:
     return result
 
 
+def train_snapshots(spec: dict) -> dict:
+    """tuned-lens's loop from zero translators over `spec["batches"]` `[steps, batch, seq_len]`,
+    one optimizer step per batch; the cumulative training wall time after every step, and the
+    translators (in jaxlens's `h @ kernel` layout) at the steps in `spec["snapshots"]`, saved to
+    `spec["snapshot_file"]`. Copying a snapshot out is not counted as training time."""
+    began = time.perf_counter()
+    model = load_model(spec["model"])
+    result = {"import_s": IMPORT_S, "load_s": time.perf_counter() - began}
+    batches = np.load(spec["batches"])
+    trainer = Trainer(model, len(batches), spec["autocast"])
+    wall, elapsed, saved, losses = [], 0.0, {}, []
+    for step, ids_bt in enumerate(batches, start=1):
+        began = time.perf_counter()
+        losses.append(trainer.step(_micro_batches(ids_bt, len(ids_bt))))
+        elapsed += time.perf_counter() - began
+        wall.append(elapsed)
+        if step in spec["snapshots"]:
+            with th.no_grad():
+                saved[f"kernel_ldd_{step}"] = np.stack([t.weight.T.numpy() for t in trainer.lens])
+                saved[f"bias_ld_{step}"] = np.stack([t.bias.numpy() for t in trainer.lens])
+    np.savez(spec["snapshot_file"], **saved)
+    result.update(wall_s_by_step=wall, train_loss_sl=losses)
+    return result
+
+
 def _time_eval(model, lens, steps, count: int) -> dict:
     lenses = {"logit": LogitLens.from_model(model).to(DEVICE), "tuned": lens}
     for each in lenses.values():

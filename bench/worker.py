@@ -3,10 +3,12 @@
     python -m bench.worker SPEC.json
 
 Spec `task`: "peak" (matrix-multiply peak of `library`), "prepare" (save the model of `case`
-for PyTorch to `model`), "throughput" (time training and evaluation steps; memory runs are
-throughput runs without evaluation) or "parity" (losses from given translators). Throughput and
-parity import only their implementation's side: a jaxlens child never imports torch (transformers
-is told not to, with USE_TORCH=0), and a tuned-lens child never imports jax.
+for PyTorch to `model`), "snapshots" (tuned-lens's training loop from zeros, translators saved
+at given steps: `torch_side.train_snapshots`), "throughput" (time training and evaluation
+steps; memory runs are throughput runs without evaluation) or "parity" (losses from given
+translators). Throughput and parity import only their implementation's side: a jaxlens child
+never imports torch (transformers is told not to, with USE_TORCH=0), and a tuned-lens child never
+imports jax.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def run(spec: dict) -> dict:
 
         torch_side.save_model(spec["case"], spec["model"], spec["seed"])
         return {}
+    if task == "snapshots":
+        from bench import torch_side
+
+        return torch_side.train_snapshots(spec)
     if task not in ("throughput", "parity"):
         raise ValueError(f"Unknown task {task!r}.")
     if spec["impl"]["side"] == "jax":

@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.init = ml_collections.ConfigDict()
     c.init.method = "zeros"  # "zeros": tuned-lens's start; "least_squares": closed-form fit first
-    c.init.tokens = 16384  # least_squares: training tokens the fit reads (the split's first)
+    c.init.tokens = 16384  # least_squares: training tokens the fit reads (the stream's first)
     c.init.ridge = 1e-3  # least_squares: ridge strength, relative to the mean eigenvalue of X^T X
 
     c.mesh = ml_collections.ConfigDict()
