@@ -73,12 +73,12 @@ def main() -> None:
     )
     rng = np.random.default_rng(0)
     x_btd = jnp.asarray(rng.normal(size=(4, args.tokens // 4, args.d)), jnp.float32)
-    block = moe.RoutedExperts(spec, args.d)
+    block = moe.RoutedExperts(spec, args.d, jax.nn.silu)
     params = jax.jit(block.init)(jax.random.key(0), x_btd)["params"]
     params["gate"]["kernel"] = params["gate"]["kernel"] * 50.0  # decisive, varied routing
 
     routed = jax.jit(block.apply)
-    ragged = jax.jit(moe.RoutedExperts(spec, args.d, dispatch="ragged_dot").apply)
+    ragged = jax.jit(moe.RoutedExperts(spec, args.d, jax.nn.silu, dispatch="ragged_dot").apply)
     dense = jax.jit(lambda p, x: _dense_block(p, x, spec))
     want = np.asarray(dense(params, x_btd))
     for fn in (routed, ragged):

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from jaxlens.models import native
 
 DISPATCHES = ("auto", "blocked", "ragged_dot")  # "auto": ragged_dot, but blocked on CPU
 MAX_BLOCK_ROWS = 128  # rows per block of the CPU grouped matmul (big enough for matmul speed)
@@ -118,15 +117,13 @@ def sparse_layers(config) -> tuple[bool, ...]:
 
 def unsupported_features(config) -> list[str]:
     """What in a MoE config the routed experts cannot reproduce (empty: all of it)."""
+    step = getattr(config, "decoder_sparse_step", 1)
+    if config.model_type == "qwen3_moe" and step < 1:
+        return [f"decoder_sparse_step={step} (must be >= 1)"]
     spec = moe_spec(config)
-    problems = []
     if any(sparse_layers(config)) and not 1 <= spec.top_k <= spec.num_experts:
-        problems.append(f"num_experts_per_tok={spec.top_k} with {spec.num_experts} experts")
-    if config.model_type == "qwen3_moe" and getattr(config, "decoder_sparse_step", 1) < 1:
-        problems.append(f"decoder_sparse_step={config.decoder_sparse_step} (must be >= 1)")
-    if spec.activation not in native.ACTIVATIONS:
-        problems.append(f"hidden_act {spec.activation!r}")
-    return problems
+        return [f"num_experts_per_tok={spec.top_k} with {spec.num_experts} experts"]
+    return []
 
 
 def route(logits_ne: jax.Array, top_k: int, normalise: bool) -> tuple[jax.Array, jax.Array]:
@@ -232,6 +229,7 @@ class ExpertBank(nn.Module):
 
     spec: MoESpec
     features: int
+    act: Callable
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -243,15 +241,24 @@ class ExpertBank(nn.Module):
         gate_edf = self.param(gate_name, init, shape_edf, self.dtype)
         up_edf = self.param(up_name, init, shape_edf, self.dtype)
         down_efd = self.param(down_name, init, shape_efd, self.dtype)
-        act = native.activation(spec.activation)
-        return routed_mlp(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, act, dispatch)
+        kernels = (gate_edf, up_edf, down_efd)
+        return routed_mlp(x_nd, experts_nk, weights_nk, *kernels, self.act, dispatch)
 
 
 class RoutedExperts(nn.Module):
-    """The sparse MoE block: `x [b, t, d] -> y [b, t, d]`, parameters `gate` and `experts`."""
+    """The sparse MoE block: `x [b, t, d] -> y [b, t, d]`, parameters `gate` and `experts`.
+
+    Attributes:
+      spec: the routing and sizes.
+      features: the model width d.
+      act: the experts' activation (the function `spec.activation` names).
+      dtype: parameter and computation dtype.
+      dispatch: see `routed_mlp`.
+    """
 
     spec: MoESpec
     features: int
+    act: Callable
     dtype: jnp.dtype = jnp.float32
     dispatch: str = "auto"
 
@@ -260,8 +267,11 @@ class RoutedExperts(nn.Module):
         b, t, d = x_btd.shape
         x_nd = x_btd.reshape(b * t, d)
         spec = self.spec
-        logits_ne = native.dense(spec.num_experts, "gate", self.dtype, use_bias=False)(x_nd)
+        gate = nn.Dense(
+            spec.num_experts, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="gate"
+        )
+        logits_ne = gate(x_nd)  # in the model's dtype, as PyTorch's router Linear
         weights_nk, experts_nk = route(logits_ne, spec.top_k, spec.normalise_top_k)
-        bank = ExpertBank(spec, self.features, dtype=self.dtype, name="experts")
+        bank = ExpertBank(spec, self.features, self.act, dtype=self.dtype, name="experts")
         y_nd = bank(x_nd, experts_nk, weights_nk.astype(x_nd.dtype), self.dispatch)
         return y_nd.reshape(b, t, d)
