@@ -136,6 +136,8 @@ def layer_losses(
     """
     if loss not in ("kl", "ce"):
         raise ValueError(f"loss must be 'kl' or 'ce'; got {loss!r}.")
+    if decoder.logit_softcap is not None:
+        raise NotImplementedError("The fused lens loss does not apply a final logit soft-cap yet.")
     shift = (0 if loss == "kl" else 1) if token_shift is None else token_shift
     num_layers, batch, tokens, d = h_lbtd.shape
     if not 0 <= shift < tokens:
