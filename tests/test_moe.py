@@ -17,7 +17,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeSparseMoeBlock,
 )
 
-from jaxlens.models import convert, moe, native
+from jaxlens.models import convert, mlp, moe
 from jaxlens.models.convert import CheckpointMismatchError
 
 TOL = 1e-5  # float32 against float32
@@ -59,7 +59,7 @@ def _torch_block(config, seed=0):
 
 def _jax_block(config, state_dict, dispatch):
     spec = moe.moe_spec(config)
-    module = moe.RoutedExperts(spec, D, native.activation(spec.activation), dispatch=dispatch)
+    module = moe.RoutedExperts(spec, D, mlp.activation(spec.activation), dispatch=dispatch)
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1, D))))
     params = convert.params_from_torch_names(state_dict, shapes["params"], "model")
     return module, params

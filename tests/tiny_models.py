@@ -119,7 +119,35 @@ def configs() -> dict[str, transformers.PretrainedConfig]:
         "smollm3": transformers.SmolLM3Config(
             **common_llama, no_rope_layers=[1, 0, 1], pad_token_id=0
         ),
+        # Mixture of experts, top-2 of 4 or 8 experts of width 24: Mixtral renormalises the two
+        # weights and slides a window shorter than the test sequences; Qwen3-MoE renormalises
+        # and keeps layer 1 dense (`mlp_only_layers`); OLMoE does not renormalise and norms q/k
+        # over whole projections (its heads are hidden_size // heads wide, no head_dim).
+        "mixtral": transformers.MixtralConfig(
+            **{**common_llama, "intermediate_size": 24, "tie_word_embeddings": False},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=5,
+        ),
+        "qwen3_moe": transformers.Qwen3MoeConfig(
+            **{**common_llama, "rope_theta": 4000.0},
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            mlp_only_layers=[1],
+            norm_topk_prob=True,
+        ),
+        "olmoe": transformers.OlmoeConfig(
+            **{**_without(common_llama, "head_dim"), "intermediate_size": 24},
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
     }
+
+
+def _without(fields: dict, key: str) -> dict:
+    return {k: v for k, v in fields.items() if k != key}
 
 
 FAMILIES = tuple(configs())

@@ -18,6 +18,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxlens.models import moe
 from jaxlens.models.attention import dense
 
 ACTIVATIONS = {
@@ -69,11 +70,17 @@ def mlp_module(spec, layer, dtype) -> nn.Module:
 
     Args:
       spec: the `DecoderSpec`.
-      layer: the layer's `LayerSpec`; `layer.mlp` is "dense" for every family here.
+      layer: the layer's `LayerSpec`; `layer.mlp` is "dense" or "moe" (`moe.RoutedExperts`,
+        named after the family's sparse block, e.g. Mixtral's "block_sparse_moe").
       dtype: parameter and computation dtype.
     Returns:
       an unbound linen module named `spec.mlp_name`, called as `module(x_btd) -> y_btd`.
     """
     if layer.mlp == "dense":
         return DenseMLP(spec, dtype=dtype, name=spec.mlp_name)
+    if layer.mlp == "moe":
+        act = activation(spec.moe.activation)
+        return moe.RoutedExperts(
+            spec.moe, spec.hidden_size, act, dtype=dtype, name=spec.moe.block_name
+        )
     raise ValueError(f"MLP kind {layer.mlp!r} is not built by jaxlens's native decoder.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxlens.models.moe import MoESpec
 from jaxlens.models.rotary import Rope
 
 
@@ -21,7 +22,7 @@ class LayerSpec:
     Attributes:
       sliding_window: the attention window w (query i sees keys i - w < j <= i), None: global.
       rope: the layer's rotary embedding, None for a layer without position encoding (NoPE).
-      mlp: the kind of feed-forward block, "dense" (see `mlp.mlp_module`).
+      mlp: the kind of feed-forward block, "dense" or "moe" (see `mlp.mlp_module`).
     """
 
     sliding_window: int | None
@@ -80,6 +81,7 @@ class DecoderSpec:
       final_softcap: Gemma-2's soft-cap of the output logits, or None.
       embed_scale: multiply the embeddings by sqrt(hidden_size) (Gemma), rounded to the dtype.
       tie_embeddings: the unembedding is the input embedding.
+      moe: the routed experts of the "moe" layers (Mixtral, Qwen3-MoE, OLMoE), else None.
     """
 
     vocab_size: int
@@ -112,6 +114,7 @@ class DecoderSpec:
     final_softcap: float | None = None
     embed_scale: bool = False
     tie_embeddings: bool = False
+    moe: MoESpec | None = None
 
     @property
     def num_layers(self) -> int:

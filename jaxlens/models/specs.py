@@ -1,7 +1,9 @@
 """Hugging Face configs to `DecoderSpec`s: each native family's differences, read from its config.
 
 One builder per `model_type`, each a few lines of data: GPT-NeoX, Qwen2, Qwen3, Gemma-2,
-Gemma-3 (text, `gemma3_text`), OLMo-2, OLMo-3, Phi-3 and SmolLM3. `unsupported_features` lists
+Gemma-3 (text, `gemma3_text`), OLMo-2, OLMo-3, Phi-3 and SmolLM3, and the mixture-of-experts
+Mixtral, Qwen3-MoE and OLMoE (their sparse layers' MLP slot "moe", `moe.MoESpec` read from the
+config by `moe.moe_spec`). `unsupported_features` lists
 what in a config the decoder does not reproduce, naming the config field, so that loading refuses
 it instead of approximating: rope scalings other than `rotary.SCALINGS`, unknown activations,
 bidirectional Gemma-3, a sliding layer without a window, partial rotary where the family's
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxlens.models import mlp, rotary
+from jaxlens.models import mlp, moe, rotary
 from jaxlens.models.rotary import head_dim
 from jaxlens.models.spec import POST_NORMS, SANDWICH_NORMS, DecoderSpec, LayerSpec
 
@@ -175,6 +177,30 @@ def _smollm3(config) -> DecoderSpec:
     )
 
 
+def _with_experts(config, spec: DecoderSpec) -> DecoderSpec:
+    """`spec` with routed experts in the MLP slot of the layers that route (Qwen3-MoE may keep
+    some dense, with `intermediate_size`)."""
+    layers = tuple(
+        dataclasses.replace(layer, mlp="moe" if sparse else "dense")
+        for layer, sparse in zip(spec.layers, moe.sparse_layers(config), strict=True)
+    )
+    return dataclasses.replace(spec, layers=layers, moe=moe.moe_spec(config))
+
+
+def _mixtral(config) -> DecoderSpec:
+    return _with_experts(config, _llama_like(config))  # a window, when set, on every layer
+
+
+def _qwen3_moe(config) -> DecoderSpec:
+    return _with_experts(config, _qwen3(config))
+
+
+def _olmoe(config) -> DecoderSpec:
+    bias = bool(config.attention_bias)
+    spec = _llama_like(config, qkv_bias=bias, out_bias=bias, qk_norm="full")
+    return _with_experts(config, spec)
+
+
 BUILDERS = {
     "gpt_neox": _neox,
     "qwen2": _qwen2,
@@ -185,6 +211,9 @@ BUILDERS = {
     "olmo3": _olmo,
     "phi3": _phi3,
     "smollm3": _smollm3,
+    "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
 }
 FAMILIES = tuple(BUILDERS)
 _PARTIAL_ROTARY = ("gpt_neox", "phi3")  # whose PyTorch attention rotates part of each head
@@ -212,4 +241,11 @@ def unsupported_features(config) -> list[str]:
     layer_types = getattr(config, "layer_types", None) or []
     if "sliding_attention" in layer_types and not getattr(config, "sliding_window", None):
         problems.append("layer_types has sliding_attention layers but sliding_window is not set")
+    if model_type in moe.FAMILY_NAMES:
+        problems += moe.unsupported_features(config)
+    if getattr(config, "clip_qkv", None) is not None:  # OLMoE's option
+        problems.append(f"clip_qkv={config.clip_qkv} (q, k and v are not clamped)")
+    width = config.hidden_size // config.num_attention_heads
+    if model_type == "olmoe" and getattr(config, "head_dim", None) not in (None, width):
+        problems.append(f"head_dim={config.head_dim} (OLMoE's heads are hidden_size // heads)")
     return problems
