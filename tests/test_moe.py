@@ -1,15 +1,24 @@
-"""The routed-expert block against transformers' PyTorch sparse MoE blocks (same weights).
+"""The routed-expert block against transformers' PyTorch sparse MoE blocks (same weights), and the
+MoE families as whole models: routing in the tiny models, refusals, a lens trained and exported.
 
 Each block is loaded through the checkpoint converter (per-expert tensors stacked), so the
 stacking is checked with the routing; both grouped matmuls (CPU blocks, `ragged_dot`) are run.
+The whole models' hidden states and logits are compared with PyTorch in test_native_models.py,
+with every other native family (from single and sharded safetensors, and on a 4-device model
+axis).
 """
+
+import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_models
 import torch
 import transformers
+from safetensors.numpy import load_file, save_file
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
@@ -17,7 +26,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeSparseMoeBlock,
 )
 
-from jaxlens.models import convert, mlp, moe
+from jaxlens import lens_io, train_lib
+from jaxlens.models import convert, load_model, mlp, moe
 from jaxlens.models.convert import CheckpointMismatchError
 
 TOL = 1e-5  # float32 against float32
@@ -177,3 +187,121 @@ def test_an_extra_expert_is_named():
 def test_a_misshaped_expert_is_named():
     message = _refused(lambda t: t.update({"experts.4.w2.weight": t["experts.4.w2.weight"].T}))
     assert "wrong shape tensors: experts.4.w2.weight: checkpoint (24, 32)" in message
+
+
+# Whole models: routing, refusals, a lens --------------------------------------------------
+
+FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_models_route_tokens_to_different_experts(family):
+    """The tiny models' parity (test_native_models.py, same seed and ids) exercises routing:
+    in every sparse layer tokens choose different experts, and most experts are chosen."""
+    torch_model = tiny_models.build(family, seed=1)
+    ids = np.random.default_rng(0).integers(0, torch_model.config.vocab_size, size=(2, 12))
+    with torch.no_grad():
+        router_logits = torch_model(torch.tensor(ids), output_router_logits=True).router_logits
+    spec = moe.moe_spec(torch_model.config)
+    sparse = [i for i, routes in enumerate(moe.sparse_layers(torch_model.config)) if routes]
+    assert len(router_logits) == len(sparse) > 0
+    for logits in router_logits:
+        chosen = torch.topk(logits, spec.top_k, dim=-1).indices.numpy()
+        assert len({tuple(sorted(row)) for row in chosen}) >= 4
+        assert len(set(chosen.ravel())) > spec.num_experts // 2
+
+
+def test_qwen3_moe_dense_layers_load_as_dense_mlps(tmp_path):
+    model = load_model(tiny_models.save(tiny_models.build("qwen3_moe"), tmp_path))
+    layers = model.params["model"]["layers"]
+    assert set(layers["0"]["mlp"]) == {"gate", "experts"} == set(layers["2"]["mlp"])
+    assert set(layers["1"]["mlp"]) == {"gate_proj", "up_proj", "down_proj"}  # mlp_only_layers
+
+
+_EXPERT = "model.layers.1.block_sparse_moe.experts"
+
+
+@pytest.mark.parametrize(
+    "problem,name,edit",
+    [
+        ("missing", f"{_EXPERT}.2.w2.weight", lambda t, n: t.pop(n)),
+        (
+            "unexpected",
+            f"{_EXPERT}.4.w1.weight",
+            lambda t, n: t.update({n: t[f"{_EXPERT}.0.w1.weight"]}),
+        ),
+        ("wrong shape", f"{_EXPERT}.3.w3.weight", lambda t, n: t.update({n: t[n][:-1].copy()})),
+    ],
+    ids=["missing", "unexpected", "wrong shape"],
+)
+def test_a_checkpoint_whose_experts_do_not_fit_is_refused_naming_them(
+    problem, name, edit, tmp_path
+):
+    directory = tiny_models.save(tiny_models.build("mixtral"), tmp_path)
+    tensors = load_file(directory / "model.safetensors")
+    edit(tensors, name)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match=f"{problem} tensors: .*{re.escape(name)}"):
+        load_model(directory)
+
+
+@pytest.mark.parametrize(
+    "family,overrides,message",
+    [
+        ("qwen3_moe", {"num_experts_per_tok": 9}, "num_experts_per_tok=9 with 8 experts"),
+        ("qwen3_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step=0"),
+        ("mixtral", {"num_experts_per_tok": 0}, "num_experts_per_tok=0"),
+        ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
+        ("olmoe", {"head_dim": 16}, "head_dim=16"),
+    ],
+)
+def test_unsupported_moe_configs_are_refused_at_load(family, overrides, message, tmp_path):
+    directory = tiny_models.save(tiny_models.build(family), tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(overrides)
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{family} variant is not supported.*{message}"):
+        load_model(directory)
+
+
+def test_a_tuned_lens_trains_evaluates_and_exports_on_tiny_mixtral(tokenizer, text_dir, tmp_path):
+    """Two steps, evaluation, and float16/bfloat16 exports in tuned-lens's layout whose
+    translators, applied in PyTorch (its hidden states, final norm and lm_head), give jaxlens's
+    per-layer logits within 1e-4 of the largest."""
+    from conftest import save_tiny_lm
+
+    from configs import tiny
+
+    model_dir = save_tiny_lm(tmp_path / "mixtral", "mixtral", tokenizer)
+    config = tiny.get_config()
+    config.model.source, config.data.source, config.num_steps = str(model_dir), str(text_dir), 2
+    result = train_lib.train_and_evaluate(config, tmp_path / "run")
+    for lens in ("logit", "tuned"):
+        assert len(result[lens]["kl_nats"]) == 3 and np.isfinite(result[lens]["kl_nats"]).all()
+
+    model = load_model(model_dir)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    ids = np.random.default_rng(3).integers(0, model.vocab_size, size=(2, 9))
+    with torch.no_grad():
+        hidden = torch_model(torch.tensor(ids), output_hidden_states=True).hidden_states[:-1]
+    for dtype in ("float16", "bfloat16"):
+        lens_dir = lens_io.export_checkpoint(tmp_path / "run", tmp_path / dtype, dtype=dtype)
+        stored = torch.load(lens_dir / "params.pt")
+        assert stored["0.weight"].dtype == getattr(torch, dtype)
+        assert float(stored["0.weight"].abs().max()) > 0  # trained, not the identity
+        with torch.no_grad():
+            want = np.stack(
+                [
+                    torch_model.lm_head(
+                        torch_model.model.norm(
+                            h + h @ stored[f"{i}.weight"].float().T + stored[f"{i}.bias"].float()
+                        )
+                    ).numpy()
+                    for i, h in enumerate(hidden)
+                ]
+            )
+        lens = lens_io.load_lens(lens_dir, model)
+        got = np.asarray(lens.all_logits(model(ids).hidden_lbtd[:-1]))
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), dtype
