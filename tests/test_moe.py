@@ -305,3 +305,22 @@ def test_a_tuned_lens_trains_evaluates_and_exports_on_tiny_mixtral(tokenizer, te
         lens = lens_io.load_lens(lens_dir, model)
         got = np.asarray(lens.all_logits(model(ids).hidden_lbtd[:-1]))
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), dtype
+
+
+@pytest.mark.parametrize("checkpoint_dtype", ["float16", "bfloat16"])
+def test_16_bit_expert_checkpoints_load(checkpoint_dtype, tmp_path):
+    """Stacked from 16-bit tensors, the experts compute in float32 as PyTorch's reload does."""
+    torch_model = tiny_models.build("olmoe", seed=4).to(getattr(torch, checkpoint_dtype))
+    directory = tiny_models.save(torch_model, tmp_path)
+    assert {str(a.dtype) for a in load_file(directory / "model.safetensors").values()} == {
+        checkpoint_dtype
+    }
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, size=(2, 12))
+    with torch.no_grad():
+        want = reference(torch.tensor(ids), output_hidden_states=True)
+    got = load_model(directory)(ids)
+    np.testing.assert_allclose(got.hidden_lbtd, np.stack(want.hidden_states), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(got.logits_btv, want.logits.numpy(), atol=TOL, rtol=TOL)
