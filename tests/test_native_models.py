@@ -55,6 +55,9 @@ def test_hidden_states_and_logits_match_pytorch(family, tmp_path):
 
 
 _QWEN_SWA = ["full_attention", "sliding_attention", "sliding_attention"]
+# A short original context, so that the ramp between interpolated and kept frequencies falls
+# inside the tiny heads' 8 frequency pairs.
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 _GEMMA3_PATTERN = ["sliding_attention"] * 5 + ["full_attention"]
 
 
@@ -93,6 +96,8 @@ def _longrope(pairs: int) -> dict:
             {"head_dim": 8, "rope_scaling": _longrope(2), "original_max_position_embeddings": 32},
         ),
         ("smollm3", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}),
+        ("olmo3", {"rope_scaling": _YARN}),
+        ("qwen3", {"rope_scaling": {**_YARN, "attention_factor": 0.8, "beta_fast": 8}}),
     ],
     ids=[
         "neox-serial",
@@ -110,6 +115,8 @@ def _longrope(pairs: int) -> dict:
         "phi3-longrope-long",
         "phi3-longrope-short",
         "smollm3-biases-untied",
+        "olmo3-yarn",
+        "qwen3-yarn",
     ],
 )
 def test_variants_match_pytorch(family, overrides, tmp_path):
@@ -225,7 +232,7 @@ def test_pytorch_buffers_in_old_neox_checkpoints_are_ignored(tmp_path):
 @pytest.mark.parametrize(
     "family,overrides,message",
     [
-        ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling .*yarn"),
+        ("qwen2", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling .*dyn"),
         ("olmo2", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling .*dynamic"),
         ("gemma2", {"hidden_activation": "mish"}, "hidden_activation 'mish'"),
         ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
@@ -234,7 +241,7 @@ def test_pytorch_buffers_in_old_neox_checkpoints_are_ignored(tmp_path):
         ("gpt_neox", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
         ("gpt_neox", {"hidden_act": "mish"}, "hidden_act 'mish'"),
         # transformers' Flax Llama family is checked the same way, at load and not at trace time.
-        ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling .*yarn"),
+        ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling .*dyn"),
     ],
 )
 def test_unsupported_variants_are_refused(family, overrides, message, tmp_path):

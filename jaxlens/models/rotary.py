@@ -8,8 +8,11 @@ FUNCTIONS` do, so angles agree to the last bit; cos and sin tables are built onc
 and shared by the layers that use the same `Rope`.
 
 Supported scalings: "default", "linear" (positions slowed by `factor`), "llama3" (Llama 3.1's
-band-wise interpolation) and "longrope" (Phi-3's per-frequency factors, short or long by the
-sequence length, with its attention factor). Anything else is refused by `unsupported_scaling`.
+band-wise interpolation), "longrope" (Phi-3's per-frequency factors, short or long by the
+sequence length, with its attention factor) and "yarn" (interpolated below a ramp of rotation
+counts, extrapolated above, with its attention factor; OLMo-3, Qwen3 long-context). Anything else
+("dynamic", which changes with the sequence length in a way a compiled forward does not follow) is
+refused by `unsupported_scaling`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCALINGS = ("default", "linear", "llama3", "longrope")
+SCALINGS = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,8 @@ def inverse_frequencies(rope: Rope, tokens: int | None = None) -> tuple[np.ndarr
         return _llama3_scaled((1.0 / powers).astype(np.float32), options), 1.0
     if kind == "longrope":
         return _longrope(rope, powers, options, tokens)
+    if kind == "yarn":
+        return _yarn(rope, powers, options)
     raise NotImplementedError(f"rope_scaling type {kind!r} (supported: {', '.join(SCALINGS)})")
 
 
@@ -143,6 +148,43 @@ def _longrope(rope: Rope, powers, options, tokens):
     long = tokens is not None and tokens > original
     ext = np.asarray(options["long_factor" if long else "short_factor"], np.float32)
     return (1.0 / (ext * powers)).astype(np.float32), float(attention_factor)
+
+
+def _yarn(rope: Rope, powers, options):
+    # YaRN: frequencies that turn fewer than `beta_slow` times over the original context are
+    # interpolated (divided by `factor`), those turning more than `beta_fast` times kept, with a
+    # linear ramp between; cos and sin are scaled by 0.1 ln(factor) + 1 (or the mscale ratio).
+    dim, base, factor = rope.rotary_dim, rope.theta, options["factor"]
+    original = options.get("original_max_position_embeddings") or rope.max_positions
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = options.get("attention_factor")
+    if attention_factor is None:
+        if options.get("mscale") and options.get("mscale_all_dim"):
+            attention_factor = mscale(factor, options["mscale"]) / mscale(
+                factor, options["mscale_all_dim"]
+            )
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = correction_dim(options.get("beta_fast") or 32)
+    high = correction_dim(options.get("beta_slow") or 1)
+    if options.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = (1 - ramp).astype(np.float32)  # the extrapolated (unscaled) share of each frequency
+    interpolated = (1.0 / (factor * powers)).astype(np.float32)
+    extrapolated = (1.0 / powers).astype(np.float32)
+    inv_freq = interpolated * (1 - keep) + extrapolated * keep
+    return inv_freq.astype(np.float32), float(attention_factor)
 
 
 def rotary_tables(positions_bt: jax.Array, rope: Rope, tokens: int):
