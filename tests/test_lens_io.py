@@ -237,7 +237,10 @@ def test_a_smollm2_lens_loads_in_tuned_lens_with_pytorch_smollm2(smollm2, torch_
 
 # The native families (tuned-lens 0.2.0 cannot load them; its file format is what they use) --------
 
-LENS_FAMILIES = ["qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3", "phi3", "smollm3"]
+LENS_FAMILIES = [
+    *("qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3", "phi3", "smollm3"),
+    *("mixtral", "qwen3_moe", "olmoe"),
+]
 
 
 def _torch_lens_logits(torch_model, kernel_ldd, bias_ld, ids):

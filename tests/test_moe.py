@@ -1,11 +1,11 @@
 """The routed-expert block against transformers' PyTorch sparse MoE blocks (same weights), and the
-MoE families as whole models: routing in the tiny models, refusals, a lens trained and exported.
+MoE families as whole models: routing in the tiny models, refusals, 16-bit checkpoints.
 
 Each block is loaded through the checkpoint converter (per-expert tensors stacked), so the
 stacking is checked with the routing; both grouped matmuls (CPU blocks, `ragged_dot`) are run.
 The whole models' hidden states and logits are compared with PyTorch in test_native_models.py,
 with every other native family (from single and sharded safetensors, and on a 4-device model
-axis).
+axis), and their lenses trained, evaluated, exported and imported in test_lens_io.py.
 """
 
 import json
@@ -26,7 +26,6 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeSparseMoeBlock,
 )
 
-from jaxlens import lens_io, train_lib
 from jaxlens.models import convert, load_model, mlp, moe
 from jaxlens.models.convert import CheckpointMismatchError
 
@@ -262,49 +261,6 @@ def test_unsupported_moe_configs_are_refused_at_load(family, overrides, message,
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"{family} variant is not supported.*{message}"):
         load_model(directory)
-
-
-def test_a_tuned_lens_trains_evaluates_and_exports_on_tiny_mixtral(tokenizer, text_dir, tmp_path):
-    """Two steps, evaluation, and float16/bfloat16 exports in tuned-lens's layout whose
-    translators, applied in PyTorch (its hidden states, final norm and lm_head), give jaxlens's
-    per-layer logits within 1e-4 of the largest."""
-    from conftest import save_tiny_lm
-
-    from configs import tiny
-
-    model_dir = save_tiny_lm(tmp_path / "mixtral", "mixtral", tokenizer)
-    config = tiny.get_config()
-    config.model.source, config.data.source, config.num_steps = str(model_dir), str(text_dir), 2
-    result = train_lib.train_and_evaluate(config, tmp_path / "run")
-    for lens in ("logit", "tuned"):
-        assert len(result[lens]["kl_nats"]) == 3 and np.isfinite(result[lens]["kl_nats"]).all()
-
-    model = load_model(model_dir)
-    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    ids = np.random.default_rng(3).integers(0, model.vocab_size, size=(2, 9))
-    with torch.no_grad():
-        hidden = torch_model(torch.tensor(ids), output_hidden_states=True).hidden_states[:-1]
-    for dtype in ("float16", "bfloat16"):
-        lens_dir = lens_io.export_checkpoint(tmp_path / "run", tmp_path / dtype, dtype=dtype)
-        stored = torch.load(lens_dir / "params.pt")
-        assert stored["0.weight"].dtype == getattr(torch, dtype)
-        assert float(stored["0.weight"].abs().max()) > 0  # trained, not the identity
-        with torch.no_grad():
-            want = np.stack(
-                [
-                    torch_model.lm_head(
-                        torch_model.model.norm(
-                            h + h @ stored[f"{i}.weight"].float().T + stored[f"{i}.bias"].float()
-                        )
-                    ).numpy()
-                    for i, h in enumerate(hidden)
-                ]
-            )
-        lens = lens_io.load_lens(lens_dir, model)
-        got = np.asarray(lens.all_logits(model(ids).hidden_lbtd[:-1]))
-        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), dtype
 
 
 @pytest.mark.parametrize("checkpoint_dtype", ["float16", "bfloat16"])
