@@ -19,6 +19,7 @@ import tiny_models
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
@@ -43,8 +44,12 @@ def _config(family, **overrides):
         config = transformers.Qwen3MoeConfig(
             **common, moe_intermediate_size=24, intermediate_size=40, num_experts=EXPERTS
         )
-    else:
+    elif family == "olmoe":
         config = transformers.OlmoeConfig(**common, intermediate_size=24, num_experts=EXPERTS)
+    else:
+        config = transformers.GptOssConfig(
+            **common, intermediate_size=24, num_local_experts=EXPERTS
+        )
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -54,6 +59,7 @@ _BLOCKS = {
     "mixtral": MixtralSparseMoeBlock,
     "qwen3_moe": Qwen3MoeSparseMoeBlock,
     "olmoe": OlmoeSparseMoeBlock,
+    "gpt_oss": GptOssMLP,
 }
 
 
@@ -62,7 +68,10 @@ def _torch_block(config, seed=0):
     block = _BLOCKS[config.model_type](config).eval()
     with torch.no_grad():
         for param in block.parameters():
-            param.add_(torch.randn_like(param) * 0.2)  # routers decisive, experts distinct
+            if config.model_type == "gpt_oss":  # GptOssExperts' parameters start uninitialised
+                param.normal_(0.0, 0.3)
+            else:
+                param.add_(torch.randn_like(param) * 0.2)  # routers decisive, experts distinct
     return block
 
 
@@ -85,6 +94,7 @@ CASES = [
     ("qwen3_moe", {"norm_topk_prob": False}),
     ("olmoe", {"norm_topk_prob": False}),
     ("olmoe", {"norm_topk_prob": True}),
+    ("gpt_oss", {}),
 ]
 
 
@@ -96,6 +106,10 @@ def test_block_matches_pytorch(family, overrides, dispatch):
     config = _config(family, **overrides)
     block = _torch_block(config)
     x_btd = np.random.default_rng(0).normal(size=(3, 11, D)).astype(np.float32)
+    if family == "gpt_oss":  # large enough that the clamps at +-7 bind
+        x_btd *= 3
+        gate_up = x_btd.reshape(-1, D) @ block.experts.gate_up_proj[0].detach().numpy()
+        assert (gate_up[:, 0::2] > 7).any() and (np.abs(gate_up[:, 1::2]) > 7).any()
     with torch.no_grad():
         want, router_logits = block(torch.tensor(x_btd))
         chosen = torch.topk(router_logits, TOP_K, dim=-1).indices.numpy()
@@ -132,8 +146,10 @@ def test_block_rows_cover_any_routing():
         hidden = gated / (1 + np.exp(-gated)) * (x_nd[n] @ up[e])
         want[n] += weights_nk[n, j] * (hidden @ down[e])
     f32 = [np.float32(a) for a in (x_nd, weights_nk, gate, up, down)]
-    got = jax.jit(moe.routed_mlp, static_argnums=(6, 7))(
-        f32[0], experts_nk.astype(np.int32), *f32[1:], jax.nn.silu, "blocked"
+    bank = dict(zip(("gate", "up", "down"), f32[2:], strict=True))
+    expert = moe.gated_expert(jax.nn.silu, ("gate", "up", "down"))
+    got = jax.jit(moe.routed_mlp, static_argnums=(4, 5))(
+        f32[0], experts_nk.astype(np.int32), f32[1], bank, expert, "blocked"
     )
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 

@@ -75,14 +75,13 @@ def gather(
         else:
             groups.setdefault((match["stem"], match["proj"]), {})[int(match["index"])] = name
     out = Gathered({}, set(), rest, [], [], [])
+    if not groups:  # stacked in the checkpoint too (GPT-OSS): the usual mapping names them
+        return out
     for key in _stack_keys(expected):
         out.stack_keys.add(key)
         proj = key[-1]
-        stem = next((s for s in _stems(key, base_prefix) if (s, proj) in groups), None)
-        if stem is None:
-            if ".".join(key) in tensors:  # already stacked in the checkpoint (`experts.w1`)
-                continue
-            stem = _stems(key, base_prefix)[0]
+        stems = _stems(key, base_prefix)
+        stem = next((s for s in stems if (s, proj) in groups), stems[0])
         names = groups.pop((stem, proj), {})
         _fill(out, key, names, expected[key], stem, proj, tensors, dtype)
     for names in groups.values():  # experts of a module the model does not have
