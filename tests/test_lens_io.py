@@ -239,7 +239,7 @@ def test_a_smollm2_lens_loads_in_tuned_lens_with_pytorch_smollm2(smollm2, torch_
 
 LENS_FAMILIES = [
     *("qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3", "phi3", "smollm3"),
-    *("mixtral", "qwen3_moe", "olmoe"),
+    *("mixtral", "qwen3_moe", "olmoe", "gpt_oss"),
 ]
 
 

@@ -143,6 +143,21 @@ def configs() -> dict[str, transformers.PretrainedConfig]:
             num_experts_per_tok=2,
             norm_topk_prob=False,
         ),
+        # GPT-OSS: sliding (window 4) and full layers alternating, YaRN, attention sinks.
+        "gpt_oss": transformers.GptOssConfig(
+            **{**common_llama, "intermediate_size": 24, "tie_word_embeddings": False},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 16,
+            },
+        ),
     }
 
 

@@ -7,7 +7,9 @@ One `Attention` module covers every family; what differs is data in the `Decoder
   (`[b, t, heads, 3 * e]`); biases on q/k/v and on the output projection set separately;
 * QK-norm: none, per head over e (Qwen3, Gemma-3) or over the full projection (OLMo-2/3);
 * the score scale (1/sqrt(e), or Gemma's `query_pre_attn_scalar ** -0.5`), Gemma-2's soft-cap
-  `c * tanh(s / c)` of the scores, and a sliding window of the layer's kind.
+  `c * tanh(s / c)` of the scores, and a sliding window of the layer's kind;
+* GPT-OSS's attention sinks: one learnt logit per head joins every query's softmax as an extra
+  key with no value, so a head can attend to nothing (its weights then sum to less than one).
 
 Scores are computed in the inputs' dtype and soft-maxed in float32, as transformers' eager
 attention does. A sliding window w lets query i see keys j with i - w < j <= i (transformers'
@@ -39,7 +41,9 @@ def causal_mask(attention_mask_bt: jax.Array, sliding_window: int | None = None)
     return allowed_ts[None] & attention_mask_bt[:, None, :].astype(bool)
 
 
-def attend(q_bthe, k_bske, v_bske, mask_bts, scale: float, softcap: float | None = None):
+def attend(
+    q_bthe, k_bske, v_bske, mask_bts, scale: float, softcap: float | None = None, sinks_h=None
+):
     """Scaled dot-product attention with grouped key/value heads, softmax in float32.
 
     Args:
@@ -47,6 +51,7 @@ def attend(q_bthe, k_bske, v_bske, mask_bts, scale: float, softcap: float | None
       mask_bts: boolean `[b, t, s]`, True where attention is allowed.
       scale: multiplies the scores (1 / sqrt(e), or Gemma's query_pre_attn_scalar ** -0.5).
       softcap: when set, scores become `softcap * tanh(scores / softcap)` before the mask.
+      sinks_h: per query head sink logits `[h]` (GPT-OSS), or None.
     Returns:
       `[b, t, h * e]` in q's dtype.
     """
@@ -59,7 +64,15 @@ def attend(q_bthe, k_bske, v_bske, mask_bts, scale: float, softcap: float | None
     scores_bkgts = jnp.where(
         mask_bts[:, None, None], scores_bkgts.astype(jnp.float32), jnp.finfo(jnp.float32).min
     )
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(q_bthe.dtype)
+    if sinks_h is not None:  # the sink's column joins the softmax, then is dropped
+        sink_bkgt1 = jnp.broadcast_to(
+            sinks_h.astype(jnp.float32).reshape(1, kv_heads, h // kv_heads, 1, 1),
+            (*scores_bkgts.shape[:-1], 1),
+        )
+        scores_bkgts = jnp.concatenate([scores_bkgts, sink_bkgt1], axis=-1)
+        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1)[..., :-1].astype(q_bthe.dtype)
+    else:
+        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(q_bthe.dtype)
     out_btkge = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske)
     return out_btkge.reshape(b, t, h * e)
 
@@ -88,7 +101,11 @@ class Attention(nn.Module):
         if rotary_tables is not None:
             q_bthe = rotary.apply_rotary(q_bthe, *rotary_tables)
             k_bske = rotary.apply_rotary(k_bske, *rotary_tables)
-        out = attend(q_bthe, k_bske, v_bske, mask_bts, spec.attn_scale, spec.attn_softcap)
+        sinks_h = None
+        if spec.attn_sinks:
+            sinks_h = self.param("sinks", nn.initializers.zeros, (spec.num_heads,), self.dtype)
+        scale, softcap = spec.attn_scale, spec.attn_softcap
+        out = attend(q_bthe, k_bske, v_bske, mask_bts, scale, softcap, sinks_h)
         return dense(spec.hidden_size, spec.out_proj_name, self.dtype, spec.out_bias)(out)
 
     def _norm(self, features, name):

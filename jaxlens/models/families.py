@@ -138,7 +138,10 @@ FAMILIES: dict[str, Family] = {
         ),
         *(_llama_style(name, native.NativeDecoderLM) for name in ("olmo2", "olmo3", "phi3")),
         _llama_style("smollm3", native.NativeDecoderLM),
-        *(_llama_style(name, native.NativeDecoderLM) for name in ("mixtral", "qwen3_moe", "olmoe")),
+        *(
+            _llama_style(name, native.NativeDecoderLM)
+            for name in ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
+        ),
     ]
 }
 

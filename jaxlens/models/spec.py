@@ -78,6 +78,7 @@ class DecoderSpec:
       qk_norm: None, "per_head" (Qwen3, Gemma-3) or "full" (OLMo-2/3).
       attn_scale: the factor on q.k (1/sqrt(head_dim), or query_pre_attn_scalar ** -0.5).
       attn_softcap: Gemma-2's soft-cap of the attention scores, or None.
+      attn_sinks: GPT-OSS's learnt per-head sink logit in each softmax (parameter `sinks`).
       final_softcap: Gemma-2's soft-cap of the output logits, or None.
       embed_scale: multiply the embeddings by sqrt(hidden_size) (Gemma), rounded to the dtype.
       tie_embeddings: the unembedding is the input embedding.
@@ -111,6 +112,7 @@ class DecoderSpec:
     qk_norm: str | None = None
     attn_scale: float = 1.0
     attn_softcap: float | None = None
+    attn_sinks: bool = False
     final_softcap: float | None = None
     embed_scale: bool = False
     tie_embeddings: bool = False

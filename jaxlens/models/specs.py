@@ -2,12 +2,12 @@
 
 One builder per `model_type`, each a few lines of data: GPT-NeoX, Qwen2, Qwen3, Gemma-2,
 Gemma-3 (text, `gemma3_text`), OLMo-2, OLMo-3, Phi-3 and SmolLM3, and the mixture-of-experts
-Mixtral, Qwen3-MoE and OLMoE (their sparse layers' MLP slot "moe", `moe.MoESpec` read from the
-config by `moe.moe_spec`). `unsupported_features` lists
-what in a config the decoder does not reproduce, naming the config field, so that loading refuses
-it instead of approximating: rope scalings other than `rotary.SCALINGS`, unknown activations,
-bidirectional Gemma-3, a sliding layer without a window, partial rotary where the family's
-PyTorch code rotates whole heads.
+Mixtral, Qwen3-MoE, OLMoE and GPT-OSS (their sparse layers' MLP slot "moe", `moe.MoESpec` read
+from the config by `moe.moe_spec`; GPT-OSS's attention sinks a `DecoderSpec` flag).
+`unsupported_features` lists what in a config the decoder does not reproduce, naming the config
+field, so that loading refuses it instead of approximating: rope scalings other than
+`rotary.SCALINGS`, unknown activations, bidirectional Gemma-3, a sliding layer without a window,
+partial rotary where the family's PyTorch code rotates whole heads.
 
 Per-layer kinds follow transformers 4.57.6: a layer slides when `layer_types[i]` says
 "sliding_attention" (Gemma-2/3, OLMo-3, Qwen2/3 with `use_sliding_window`, SmolLM3), or, for
@@ -201,6 +201,15 @@ def _olmoe(config) -> DecoderSpec:
     return _with_experts(config, spec)
 
 
+def _gpt_oss(config) -> DecoderSpec:
+    # Alternating sliding/full layers from `layer_types`, YaRN rope, biases on every attention
+    # projection, attention sinks, norms that scale in float32.
+    spec = _llama_like(
+        config, qkv_bias=True, out_bias=True, norm_kind="rmsnorm_f32_scale", attn_sinks=True
+    )
+    return _with_experts(config, spec)
+
+
 BUILDERS = {
     "gpt_neox": _neox,
     "qwen2": _qwen2,
@@ -214,6 +223,7 @@ BUILDERS = {
     "mixtral": _mixtral,
     "qwen3_moe": _qwen3_moe,
     "olmoe": _olmoe,
+    "gpt_oss": _gpt_oss,
 }
 FAMILIES = tuple(BUILDERS)
 _PARTIAL_ROTARY = ("gpt_neox", "phi3")  # whose PyTorch attention rotates part of each head
