@@ -27,7 +27,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeSparseMoeBlock,
 )
 
-from jaxlens.models import convert, load_model, mlp, moe
+from jaxlens.models import convert, convert_experts, load_model, mlp, moe
 from jaxlens.models.convert import CheckpointMismatchError
 
 TOL = 1e-5  # float32 against float32
@@ -269,9 +269,9 @@ def test_a_checkpoint_whose_experts_do_not_fit_is_refused_naming_them(
         ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
         ("olmoe", {"head_dim": 16}, "head_dim=16"),
         (
-            "gpt_oss",
-            {"quantization_config": {"quant_method": "mxfp4"}},
-            "quantization_config \\(quant_method 'mxfp4'\\): load it in transformers",
+            "mixtral",
+            {"quantization_config": {"quant_method": "gptq"}},
+            "quantization_config \\(quant_method 'gptq'\\): load it in transformers",
         ),
     ],
 )
@@ -298,6 +298,69 @@ def test_16_bit_expert_checkpoints_load(checkpoint_dtype, tmp_path):
     ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, size=(2, 12))
     with torch.no_grad():
         want = reference(torch.tensor(ids), output_hidden_states=True)
+    got = load_model(directory)(ids)
+    np.testing.assert_allclose(got.hidden_lbtd, np.stack(want.hidden_states), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(got.logits_btv, want.logits.numpy(), atol=TOL, rtol=TOL)
+
+
+# GPT-OSS's MXFP4-packed experts ---------------------------------------------------------------
+
+
+def _random_mxfp4(rng, experts, out_features, in_features, exponents=(118, 123)):
+    """Random packed bytes and scales (2^-9 .. 2^-5 by default: weights below 0.2)."""
+    blocks = rng.integers(
+        0, 256, size=(experts, out_features, in_features // 32, 16), dtype=np.uint8
+    )
+    scales = rng.integers(
+        *exponents, size=(experts, out_features, in_features // 32), dtype=np.uint8
+    )
+    return blocks, scales
+
+
+def test_mxfp4_unpacks_as_transformers_does():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    blocks, scales = _random_mxfp4(np.random.default_rng(0), 3, 8, 64, exponents=(100, 150))
+    got = convert_experts.unpack_mxfp4(
+        {"m.experts.down_proj_blocks": blocks, "m.experts.down_proj_scales": scales}
+    )
+    want = convert_moe_packed_tensors(
+        torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32
+    )
+    assert list(got) == ["m.experts.down_proj"]
+    np.testing.assert_array_equal(got["m.experts.down_proj"], want.numpy())
+
+
+def test_an_mxfp4_gpt_oss_checkpoint_loads_with_pytorch_parity(tmp_path):
+    """GPT-OSS as published: experts packed in MXFP4, `quantization_config` in config.json. The
+    reference is the PyTorch model holding the same experts unpacked by transformers."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    torch_model = tiny_models.build("gpt_oss", seed=3, intermediate_size=32)  # MXFP4: 32 | f
+    directory = tiny_models.save(torch_model, tmp_path)
+    tensors = load_file(directory / "model.safetensors")
+    rng = np.random.default_rng(1)
+    config = torch_model.config
+    d, f, e = config.hidden_size, config.intermediate_size, config.num_local_experts
+    for i, layer in enumerate(torch_model.model.layers):
+        for proj, out_features, in_features in (("gate_up_proj", 2 * f, d), ("down_proj", d, f)):
+            blocks, scales = _random_mxfp4(rng, e, out_features, in_features)
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            del tensors[name]
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+            unpacked = convert_moe_packed_tensors(
+                torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32
+            )
+            with torch.no_grad():
+                getattr(layer.mlp.experts, proj).copy_(unpacked)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config_json = json.loads((directory / "config.json").read_text())
+    config_json["quantization_config"] = {"quant_method": "mxfp4"}
+    (directory / "config.json").write_text(json.dumps(config_json))
+
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(2, 12))
+    with torch.no_grad():
+        want = torch_model(torch.tensor(ids), output_hidden_states=True)
     got = load_model(directory)(ids)
     np.testing.assert_allclose(got.hidden_lbtd, np.stack(want.hidden_states), atol=TOL, rtol=TOL)
     np.testing.assert_allclose(got.logits_btv, want.logits.numpy(), atol=TOL, rtol=TOL)

@@ -67,6 +67,7 @@ def params_from_torch_names(
       CheckpointMismatchError: naming every missing, unexpected and mis-shaped tensor.
     """
     expected = flatten_dict(dict(shape_tree))
+    tensors = convert_experts.unpack_mxfp4(tensors, dtype)  # GPT-OSS's packed experts
     experts = convert_experts.gather(tensors, expected, base_prefix, dtype)  # MoE stacks
     filled: dict[tuple[str, ...], np.ndarray] = dict(experts.filled)
     unexpected, misshaped = experts.unexpected, experts.misshaped

@@ -133,9 +133,13 @@ def unsupported_features(config) -> list[str]:
     if config.model_type == "qwen3_moe" and step < 1:
         return [f"decoder_sparse_step={step} (must be >= 1)"]
     quantization = getattr(config, "quantization_config", None)
-    if quantization:  # GPT-OSS's hub checkpoints: experts packed in MXFP4
-        method = dict(quantization).get("quant_method", "?")
-        return [
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    if quantization and (config.model_type, method) != ("gpt_oss", "mxfp4"):
+        return [  # GPT-OSS's MXFP4 experts are unpacked by `convert_experts.unpack_mxfp4`
             f"quantization_config (quant_method {method!r}): load it in transformers with the "
             "weights dequantized and save_pretrained() it, then load that directory"
         ]
