@@ -301,6 +301,8 @@ def test_16_bit_expert_checkpoints_load(checkpoint_dtype, tmp_path):
     got = load_model(directory)(ids)
     np.testing.assert_allclose(got.hidden_lbtd, np.stack(want.hidden_states), atol=TOL, rtol=TOL)
     np.testing.assert_allclose(got.logits_btv, want.logits.numpy(), atol=TOL, rtol=TOL)
+    if checkpoint_dtype != "float16":
+        return  # (computing in bfloat16 once is enough)
     # Computing in bfloat16 rounds every activation, and may flip a token's routing where its
     # best experts nearly tie: measured against float32, jaxlens's bfloat16 forward must stay
     # within test_native_models.py's 3% or PyTorch's own bfloat16 forward's error, if larger
