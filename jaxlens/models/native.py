@@ -17,8 +17,7 @@ Flax model class that `SubjectModel` uses: `cls(config, dtype=..., _do_init=Fals
 Extension point, the MLP slot: each layer's feed-forward block is built by `mlp.mlp_module(spec,
 layer, dtype)` from `LayerSpec.mlp` ("dense" here). A mixture-of-experts layer is a new kind
 ("moe") there: a linen module `x_btd -> y_btd` named `spec.mlp_name` (Mixtral: "block_sparse_moe"),
-its settings in `DecoderSpec.moe`, filled in (with each layer's `mlp` kind: Qwen3-MoE mixes dense
-and sparse layers) by that family's builder in `specs`.
+its sizes added as fields of `DecoderSpec` and filled in by that family's builder in `specs`.
 
 Axis letters: b batch, t (and s) token position, d model width, h query heads, k key/value heads,
 g query heads per key/value head, e head width, r rotary width, v vocabulary.

@@ -80,8 +80,6 @@ class DecoderSpec:
       final_softcap: Gemma-2's soft-cap of the output logits, or None.
       embed_scale: multiply the embeddings by sqrt(hidden_size) (Gemma), rounded to the dtype.
       tie_embeddings: the unembedding is the input embedding.
-      moe: the mixture-of-experts settings that "moe" layers read (a frozen dataclass of the
-        MoE module's own), None for dense models.
     """
 
     vocab_size: int
@@ -114,7 +112,6 @@ class DecoderSpec:
     final_softcap: float | None = None
     embed_scale: bool = False
     tie_embeddings: bool = False
-    moe: object | None = None
 
     @property
     def num_layers(self) -> int:
