@@ -96,6 +96,8 @@ def _longrope(pairs: int) -> dict:
             {"head_dim": 8, "rope_scaling": _longrope(2), "original_max_position_embeddings": 32},
         ),
         ("smollm3", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}),
+        # SmolLM3 with sliding layers (use_sliding_window), one of them without RoPE.
+        ("smollm3", {"use_sliding_window": True, "sliding_window": 4, "layer_types": _QWEN_SWA}),
         ("olmo3", {"rope_scaling": _YARN}),
         ("qwen3", {"rope_scaling": {**_YARN, "attention_factor": 0.8, "beta_fast": 8}}),
     ],
@@ -115,6 +117,7 @@ def _longrope(pairs: int) -> dict:
         "phi3-longrope-long",
         "phi3-longrope-short",
         "smollm3-biases-untied",
+        "smollm3-sliding-nope",
         "olmo3-yarn",
         "qwen3-yarn",
     ],
