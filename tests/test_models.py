@@ -63,6 +63,26 @@ def test_facts(pair):
     assert model.max_positions == expected_positions
 
 
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        {"rope_type": "longrope", "short_factor": [1.5] * 8, "long_factor": [4.0] * 8},
+    ],
+    ids=["yarn", "longrope"],
+)
+def test_transformers_flax_llama_takes_jaxlens_rope_scalings(rope_scaling, tmp_path):
+    """The corrected Flax Llama rotates with jaxlens's rotary module: its scalings (and their
+    factor on cos and sin) match PyTorch's."""
+    overrides = {"rope_scaling": rope_scaling, "original_max_position_embeddings": 8}
+    torch_model = tiny_models.build("llama", seed=2, **overrides)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    ids = _token_ids(model.vocab_size)
+    with torch.no_grad():
+        want = torch_model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(model(ids).logits_btv, want, atol=TOL, rtol=TOL)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_sharded_safetensors_load_like_single_file(family, tmp_path):
     torch_model = tiny_models.build(family, seed=3)

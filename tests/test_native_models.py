@@ -36,19 +36,19 @@ def _assert_matches_pytorch(torch_model, model, tol=TOL, seed=0):
     np.testing.assert_allclose(got.logits_btv, want.logits.numpy(), atol=tol, rtol=tol)
 
 
+# (Each family's default tiny model is checked against PyTorch from a single safetensors file,
+# with its final norm, unembedding and facts, in test_models.py, whose families include these.)
+
+
 @pytest.mark.parametrize("family", NATIVE)
-def test_hidden_states_and_logits_match_pytorch(family, tmp_path):
-    """From a single safetensors file, and the same weights from sharded ones (bit-identical
-    parameters, hence the same forward)."""
+def test_sharded_safetensors_load_the_parameters_of_the_single_file(family, tmp_path):
+    """Bit-identical parameters from sharded files, hence the single file's PyTorch parity."""
     torch_model = tiny_models.build(family, seed=1)
-    single = load_model(tiny_models.save(torch_model, tmp_path / "single"))
-    _assert_matches_pytorch(torch_model, single)
+    single = load_model(tiny_models.save(torch_model, tmp_path / "single")).params
     sharded_dir = tiny_models.save(torch_model, tmp_path / "sharded", shard_size="20KB")
     assert len(list(sharded_dir.glob("model-*.safetensors"))) > 1
     sharded = load_model(sharded_dir).params
-    flat_single, flat_sharded = (
-        jax.tree_util.tree_leaves_with_path(p) for p in (single.params, sharded)
-    )
+    flat_single, flat_sharded = (jax.tree_util.tree_leaves_with_path(p) for p in (single, sharded))
     assert [k for k, _ in flat_single] == [k for k, _ in flat_sharded]
     for (key, want), (_, got) in zip(flat_single, flat_sharded, strict=True):
         np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(key))
@@ -96,6 +96,8 @@ def _longrope(pairs: int) -> dict:
             {"head_dim": 8, "rope_scaling": _longrope(2), "original_max_position_embeddings": 32},
         ),
         ("smollm3", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}),
+        # SmolLM3 with sliding layers (use_sliding_window), one of them without RoPE.
+        ("smollm3", {"use_sliding_window": True, "sliding_window": 4, "layer_types": _QWEN_SWA}),
         ("olmo3", {"rope_scaling": _YARN}),
         ("qwen3", {"rope_scaling": {**_YARN, "attention_factor": 0.8, "beta_fast": 8}}),
     ],
@@ -115,6 +117,7 @@ def _longrope(pairs: int) -> dict:
         "phi3-longrope-long",
         "phi3-longrope-short",
         "smollm3-biases-untied",
+        "smollm3-sliding-nope",
         "olmo3-yarn",
         "qwen3-yarn",
     ],
@@ -144,10 +147,6 @@ def test_gemma2_soft_caps_bend_the_logits_and_the_lens_head_caps_them(tmp_path):
     np.testing.assert_allclose(got, out.logits.numpy(), atol=TOL, rtol=TOL)
 
 
-# (The final norm and unembedding against the PyTorch modules, and the model facts, are checked
-# for these families with all others in test_models.py, whose families include them.)
-
-
 # 16-bit checkpoints -------------------------------------------------------------------------
 
 # Loaded into float32 the rounded weights are exact, so parity stays at TOL. Computing in
@@ -157,8 +156,15 @@ def test_gemma2_soft_caps_bend_the_logits_and_the_lens_head_caps_them(tmp_path):
 BF16_RELATIVE_TOL = {"gemma2": 5e-2}
 
 
-@pytest.mark.parametrize("checkpoint_dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("family", ["gpt_neox", "qwen2", "qwen3", "gemma2", "olmo2"])
+@pytest.mark.parametrize(
+    "family,checkpoint_dtype",
+    [
+        *((f, d) for f in ("gpt_neox", "qwen2", "qwen3") for d in ("float16", "bfloat16")),
+        ("gemma2", "bfloat16"),
+        ("olmo2", "float16"),
+        ("phi3", "bfloat16"),
+    ],
+)
 def test_16_bit_checkpoints_load(family, checkpoint_dtype, tmp_path):
     torch_model = tiny_models.build(family, seed=4).to(getattr(torch, checkpoint_dtype))
     directory = tiny_models.save(torch_model, tmp_path)

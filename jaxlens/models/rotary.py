@@ -3,9 +3,10 @@
 A `Rope` is the static description of one rotary embedding: how many dims of each head rotate,
 the base, and the scaling scheme of the config's `rope_scaling`. Families use one (Llama, Qwen,
 NeoX, Phi-3) or two (Gemma-3's local layers their own base, OLMo-3's sliding layers unscaled).
-Inverse frequencies are computed in float32 with numpy exactly as transformers' `ROPE_INIT_
-FUNCTIONS` do, so angles agree to the last bit; cos and sin tables are built once per forward
-and shared by the layers that use the same `Rope`.
+Inverse frequencies are computed in float32 with numpy by the same steps as transformers'
+`ROPE_INIT_FUNCTIONS` (agreeing to an ulp or two: numpy's and torch's float32 `pow` may differ
+in the last bit); cos and sin tables are built once per forward and shared by the layers that
+use the same `Rope`.
 
 Supported scalings: "default", "linear" (positions slowed by `factor`), "llama3" (Llama 3.1's
 band-wise interpolation), "longrope" (Phi-3's per-frequency factors, short or long by the
