@@ -14,10 +14,11 @@ loads a safetensors checkpoint without torch. `NativeDecoderLM` offers the littl
 Flax model class that `SubjectModel` uses: `cls(config, dtype=..., _do_init=False)`, `.module`,
 `.params_shape_tree` and `.base_model_prefix`.
 
-Extension point, the MLP slot: each layer's feed-forward block is built by `mlp.mlp_module(spec,
-layer, dtype)` from `LayerSpec.mlp` ("dense" here). A mixture-of-experts layer is a new kind
-("moe") there: a linen module `x_btd -> y_btd` named `spec.mlp_name` (Mixtral: "block_sparse_moe"),
-its sizes added as fields of `DecoderSpec` and filled in by that family's builder in `specs`.
+The MLP slot: each layer's feed-forward block is built by `mlp.mlp_module(spec, layer, dtype)`
+from `LayerSpec.mlp`: "dense", or "moe" for the routed experts of Mixtral, Qwen3-MoE, OLMoE and
+GPT-OSS (`moe.RoutedExperts`, named after the family's sparse block, e.g. Mixtral's
+"block_sparse_moe"; its sizes and routing in `DecoderSpec.moe`, filled in with each layer's kind
+by the family's builder in `specs`: Qwen3-MoE may mix dense and sparse layers).
 
 Axis letters: b batch, t (and s) token position, d model width, h query heads, k key/value heads,
 g query heads per key/value head, e head width, r rotary width, v vocabulary.

@@ -82,7 +82,8 @@ class DecoderSpec:
       final_softcap: Gemma-2's soft-cap of the output logits, or None.
       embed_scale: multiply the embeddings by sqrt(hidden_size) (Gemma), rounded to the dtype.
       tie_embeddings: the unembedding is the input embedding.
-      moe: the routed experts of the "moe" layers (Mixtral, Qwen3-MoE, OLMoE), else None.
+      moe: the routed experts of the "moe" layers (Mixtral, Qwen3-MoE, OLMoE, GPT-OSS), else
+        None (dense models).
     """
 
     vocab_size: int
