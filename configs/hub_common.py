@@ -1,7 +1,7 @@
 """Shared settings of the hub configs: web text streamed from the hub, accelerator-sized steps.
 
-Not a run config itself; `gpt2.py`, `pythia.py`, `llama.py`, `mistral.py`, `gemma.py` and `qwen.py`
-build on it.
+Not a run config itself; `gpt2.py`, `pythia.py`, `llama.py`, `mistral.py`, `gemma.py`, `qwen.py`,
+`gemma2.py`, `gemma3.py`, `olmo2.py` and `phi3.py` build on it.
 """
 
 from configs import base

@@ -5,6 +5,11 @@ we lift those few arrays out of the model's parameters into `Decoder`. It is a p
 leaves, the norm kind and epsilon are static), so it can be passed into `jax.jit`, sharded, and
 differentiated through without touching the rest of the model.
 
+Some models bend their logits after the unembedding: Gemma-2 soft-caps them, `c * tanh(z / c)`
+with c = `final_logit_softcapping` (30). That is part of the model's output distribution, so it is
+part of the head: `unembed` applies it, and every lens's logits (training losses, evaluation,
+trajectories) are capped as the model's own are.
+
 Axis letters used in names throughout jaxlens: b batch, t token position, d model width,
 v vocabulary, l layer.
 """
@@ -29,6 +34,7 @@ class Decoder:
       norm_bias_d: the final LayerNorm's bias `[d]`, or None.
       norm_kind: one of NORM_KINDS.
       eps: the final norm's epsilon, the model's own.
+      logit_softcap: c of the final soft-cap `c * tanh(z / c)` (Gemma-2), or None.
     """
 
     unembed_vd: jax.Array
@@ -37,6 +43,7 @@ class Decoder:
     norm_bias_d: jax.Array | None
     norm_kind: str = struct.field(pytree_node=False)
     eps: float = struct.field(pytree_node=False)
+    logit_softcap: float | None = struct.field(pytree_node=False, default=None)
 
     def final_norm(self, h_d: jax.Array) -> jax.Array:
         """Applies the final norm over the last axis, computing in float32.
@@ -60,7 +67,8 @@ class Decoder:
         return h
 
     def unembed(self, h_d: jax.Array) -> jax.Array:
-        """Maps normalised vectors to logits with float32 accumulation.
+        """Maps normalised vectors to logits with float32 accumulation (soft-capped if the
+        model caps its logits).
 
         Args:
           h_d: `[..., d]`; cast to the unembedding's dtype for the matmul.
@@ -75,7 +83,13 @@ class Decoder:
         )
         if self.unembed_bias_v is not None:
             logits = logits + self.unembed_bias_v.astype(jnp.float32)
-        return logits
+        return self.cap(logits)
+
+    def cap(self, logits: jax.Array) -> jax.Array:
+        """The final soft-cap `c * tanh(z / c)` of raw logits (identity without one)."""
+        if self.logit_softcap is None:
+            return logits
+        return jnp.tanh(logits / self.logit_softcap) * self.logit_softcap
 
     def __call__(self, h_d: jax.Array) -> jax.Array:
         """Logits `[..., vocab]` of un-normalised residual vectors `[..., d]`."""

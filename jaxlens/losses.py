@@ -13,6 +13,10 @@ input, `(softmax(z) - p) U`, while the `[chunk, V]` probabilities are at hand, a
 total, and no `[chunk, V]` array outlives its chunk. The target distribution enters each layer
 only through `p U` (`[chunk, d]`, computed once per chunk), so a layer reads no `[chunk, V]`
 array but its own logits.
+
+A final logit soft-cap (Gemma-2: `z = c tanh(raw / c)`) is carried exactly: the loss sees the
+capped logits, the saved gradient gets the cap's slope `1 - tanh^2`, and the target enters each
+layer as the chunk's `[chunk, V]` probabilities, which exist per chunk anyway.
 """
 
 from __future__ import annotations
@@ -40,13 +44,14 @@ def pad_to_chunks(x_n, chunk):
     return x_n.reshape((-1, chunk) + x_n.shape[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _soft_cross_entropy(kind, x_cd, unembed_vd, bias_v, target, weight_c):
-    """Weighted sum over the chunk of -sum_v p log softmax(z), z = x U^T + c.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _soft_cross_entropy(kind, cap, x_cd, unembed_vd, bias_v, target, weight_c):
+    """Weighted sum over the chunk of -sum_v p log softmax(z), z = cap(x U^T + c).
 
     Args:
-      kind: "kl" (target p is a distribution, given as `_target_moments`) or "ce" (target is
-        token ids `[c]`).
+      kind: "kl" (target p is a distribution: `_target_moments` without a cap, the `[c, V]`
+        probabilities with one) or "ce" (target is token ids `[c]`).
+      cap: the model's final logit soft-cap c (`z = c tanh(raw / c)`, Gemma-2), or None.
       x_cd: normalised lens hidden states, float32 `[c, d]`.
       unembed_vd, bias_v: the model's unembedding `[V, d]` and lm_head bias `[V]` or None.
       target: see `kind`.
@@ -54,7 +59,7 @@ def _soft_cross_entropy(kind, x_cd, unembed_vd, bias_v, target, weight_c):
     Returns:
       the scalar weighted cross-entropy (for `kl`, add the target's negative entropy to get KL).
     """
-    return _forward(kind, x_cd, unembed_vd, bias_v, target, weight_c)[0]
+    return _forward(kind, cap, x_cd, unembed_vd, bias_v, target, weight_c)[0]
 
 
 def _target_moments(p_cv, unembed_vd, bias_v):
@@ -68,22 +73,26 @@ def _target_moments(p_cv, unembed_vd, bias_v):
     return p_u_cd, p_bias_c
 
 
-def _forward(kind, x_cd, unembed_vd, bias_v, target, weight_c):
+def _times_unembed(g_cv, unembed_vd):
+    return jnp.einsum(
+        "cv,vd->cd", g_cv.astype(unembed_vd.dtype), unembed_vd, preferred_element_type=jnp.float32
+    )
+
+
+def _forward(kind, cap, x_cd, unembed_vd, bias_v, target, weight_c):
     # With lse = logsumexp(z): -sum_v p log softmax(z) = lse - sum_v p z (as sum_v p = 1), and
-    # its gradient in x is (softmax(z) - p) U = (e U) / sum(e) - p U with e = exp(z - max z).
-    # Per layer that is one exp per logit and two passes over the [c, V] logits besides the two
-    # matmuls; the target's terms come from `_target_moments` ([c, d]) or one gathered logit.
+    # its gradient in z is softmax(z) - p. Without a cap z is linear in x, so the gradient in x is
+    # (e U) / sum(e) - p U with e = exp(z - max z): per layer one exp per logit and two passes
+    # over the [c, V] logits besides the two matmuls; the target's terms come from
+    # `_target_moments` ([c, d]) or one gathered logit.
     z = _logits(x_cd, unembed_vd, bias_v)
+    if cap is not None:
+        return _capped_forward(kind, cap, z, unembed_vd, target, weight_c)
     peak = jax.lax.stop_gradient(z.max(-1, keepdims=True))
     e = jnp.exp(z - peak)
     total = e.sum(-1, keepdims=True)
     lse_c = (peak + jnp.log(total))[:, 0]
-    q_u_cd = (
-        jnp.einsum(
-            "cv,vd->cd", e.astype(unembed_vd.dtype), unembed_vd, preferred_element_type=jnp.float32
-        )
-        / total
-    )
+    q_u_cd = _times_unembed(e, unembed_vd) / total
     if kind == "kl":
         p_u_cd, p_bias_c = target
         cross_c = lse_c - (x_cd * p_u_cd).sum(-1) - p_bias_c
@@ -94,13 +103,38 @@ def _forward(kind, x_cd, unembed_vd, bias_v, target, weight_c):
     return (cross_c * weight_c).sum(), dx_cd * weight_c[:, None]
 
 
-def _fwd(kind, x_cd, unembed_vd, bias_v, target, weight_c):
-    value, dx_cd = _forward(kind, x_cd, unembed_vd, bias_v, target, weight_c)
+def _capped_forward(kind, cap, raw_cv, unembed_vd, target, weight_c):
+    # z = c tanh(raw / c) bends each logit by dz/draw = 1 - tanh^2, so the gradient in x is
+    # ((softmax(z) - p) * (1 - tanh^2)) U: still one matmul with U, but p enters per logit (the
+    # chunk's p `[c, V]` is the target; no p U shortcut through the nonlinearity). For `ce` the
+    # label's term is its row of U times its own 1 - tanh^2, gathered, not a one-hot `[c, V]`.
+    tanh_cv = jnp.tanh(raw_cv / cap)
+    z = cap * tanh_cv
+    slope_cv = 1.0 - tanh_cv**2
+    peak = jax.lax.stop_gradient(z.max(-1, keepdims=True))
+    e = jnp.exp(z - peak)
+    total = e.sum(-1, keepdims=True)
+    lse_c = (peak + jnp.log(total))[:, 0]
+    if kind == "kl":
+        p_cv = target
+        cross_c = lse_c - (p_cv * z).sum(-1)
+        dx_cd = _times_unembed((e / total - p_cv) * slope_cv, unembed_vd)
+    else:
+        cross_c = lse_c - jnp.take_along_axis(z, target[:, None], axis=-1)[:, 0]
+        label_slope_c = jnp.take_along_axis(slope_cv, target[:, None], axis=-1)
+        dx_cd = _times_unembed(e / total * slope_cv, unembed_vd) - label_slope_c * unembed_vd[
+            target
+        ].astype(jnp.float32)
+    return (cross_c * weight_c).sum(), dx_cd * weight_c[:, None]
+
+
+def _fwd(kind, cap, x_cd, unembed_vd, bias_v, target, weight_c):
+    value, dx_cd = _forward(kind, cap, x_cd, unembed_vd, bias_v, target, weight_c)
     return value, dx_cd
 
 
-def _bwd(kind, residuals, g):
-    del kind
+def _bwd(kind, cap, residuals, g):
+    del kind, cap
     # The model's head, the target and the weights are constants of lens training: no cotangent.
     return (g * residuals, None, None, None, None)
 
@@ -163,14 +197,23 @@ def layer_losses(
             )
             p_cv = jnp.exp(log_p)
             neg_entropy = (weight_c * (p_cv * log_p).sum(-1)).sum()
-            target_c = _target_moments(p_cv, decoder.unembed_vd, decoder.unembed_bias_v)
+            if decoder.logit_softcap is None:
+                target_c = _target_moments(p_cv, decoder.unembed_vd, decoder.unembed_bias_v)
+            else:
+                target_c = p_cv
         else:
             neg_entropy = 0.0
 
         def one_layer(_, layer_xs):
             x_cd = decoder.final_norm(translate(*layer_xs))
             cross = _soft_cross_entropy(
-                loss, x_cd, decoder.unembed_vd, decoder.unembed_bias_v, target_c, weight_c
+                loss,
+                decoder.logit_softcap,
+                x_cd,
+                decoder.unembed_vd,
+                decoder.unembed_bias_v,
+                target_c,
+                weight_c,
             )
             return None, cross + neg_entropy
 

@@ -233,3 +233,90 @@ def test_a_smollm2_lens_loads_in_tuned_lens_with_pytorch_smollm2(smollm2, torch_
     want = _torch_logits(torch_smollm2, torch_lens, ids[:, :32])
     relative = np.abs(got - want).max() / np.abs(want).max()
     assert relative < 1e-3, relative
+
+
+# The native families (tuned-lens 0.2.0 cannot load them; its file format is what they use) --------
+
+LENS_FAMILIES = [
+    *("qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3", "phi3", "smollm3"),
+    *("mixtral", "qwen3_moe", "olmoe", "gpt_oss"),
+]
+
+
+def _torch_lens_logits(torch_model, kernel_ldd, bias_ld, ids):
+    """The translators applied in PyTorch: the model's hidden states, its own final norm,
+    unembedding and (Gemma) final soft-cap, as a tuned lens decodes them."""
+    norm = tiny_models.final_norm_module(torch_model)
+    cap = getattr(torch_model.config, "final_logit_softcapping", None)
+    with torch.no_grad():
+        out = torch_model(torch.tensor(ids), output_hidden_states=True)
+        layers = []
+        for i, h in enumerate(out.hidden_states[:-1]):
+            moved = h + h @ torch.tensor(kernel_ldd[i]) + torch.tensor(bias_ld[i])
+            logits = torch_model.get_output_embeddings()(norm(moved))
+            layers.append(torch.tanh(logits / cap) * cap if cap is not None else logits)
+        return np.stack([x.numpy() for x in layers]), out
+
+
+def _tuned_lens_layout(directory, config_json, kernel_ldd, bias_ld, dtype):
+    """A lens as the community files store it: tuned-lens's config.json and a params.pt of
+    torch Linear weights `[out, in]` in 16 bits."""
+    import collections
+
+    directory.mkdir()
+    (directory / "config.json").write_text(config_json)
+    state = collections.OrderedDict()
+    for i in range(len(kernel_ldd)):
+        state[f"{i}.weight"] = torch.tensor(kernel_ldd[i].T.copy()).to(dtype)
+        state[f"{i}.bias"] = torch.tensor(bias_ld[i]).to(dtype)
+    torch.save(state, directory / "params.pt")
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("family", LENS_FAMILIES)
+def test_a_native_family_trains_evaluates_exports_and_imports_lenses(family, tmp_path):
+    import hashlib
+
+    from jaxlens import eval_lib
+
+    torch_model = tiny_models.build(family, seed=8)
+    model = load_model(tiny_models.save(torch_model, tmp_path / "model"))
+    translators = _trained(model, steps=2)
+    assert float(jnp.abs(translators.kernel_ldd).max()) > 0
+
+    # Evaluation: the logit lens's KL against the same statistic from PyTorch's own outputs.
+    ids = np.random.default_rng(4).integers(0, model.vocab_size, size=(4, 12))
+    result = eval_lib.evaluate(model, translators, ids, nats_to_bpb=1.0, batch_size=4)
+    zeros = np.zeros((model.num_layers, model.d_model, model.d_model), np.float32)
+    logit_lens, out = _torch_lens_logits(torch_model, zeros, zeros[:, 0], ids)
+    log_p = torch.log_softmax(out.logits, -1).numpy()
+    log_q = torch.log_softmax(torch.tensor(logit_lens), -1).numpy()
+    kl_l = (np.exp(log_p) * (log_p - log_q)).sum(-1).mean(axis=(1, 2))
+    np.testing.assert_allclose(result["logit"]["kl_nats"], kl_l, rtol=1e-4, atol=1e-5)
+    assert np.isfinite(result["tuned"]["kl_nats"]).all()
+
+    # Export: tuned-lens's format with its unembed_hash of the PyTorch lm_head weight.
+    lens_dir = lens_io.save_lens(tmp_path / "lens", translators, model)
+    written = json.loads((lens_dir / "config.json").read_text())
+    weight = torch_model.get_output_embeddings().weight.detach().numpy()
+    assert (
+        written["unembed_hash"]
+        == hashlib.sha256(np.array_str(weight, precision=1).encode()).hexdigest()
+    )
+    reloaded = lens_io.load_translators(lens_dir, model)
+    np.testing.assert_array_equal(reloaded.kernel_ldd, translators.kernel_ldd)
+
+    # Import of a community-layout lens in 16 bits: the same per-layer logits as in PyTorch.
+    rng = np.random.default_rng(5)
+    kernel = rng.normal(size=zeros.shape).astype(np.float32) * 0.1
+    bias = rng.normal(size=zeros.shape[:2]).astype(np.float32) * 0.1
+    for dtype in (torch.float16, torch.bfloat16):
+        stored = _tuned_lens_layout(
+            tmp_path / str(dtype), (lens_dir / "config.json").read_text(), kernel, bias, dtype
+        )
+        lens = lens_io.load_lens(tmp_path / str(dtype), model)
+        kernel_16 = np.stack([stored[f"{i}.weight"].T for i in range(model.num_layers)])
+        bias_16 = np.stack([stored[f"{i}.bias"] for i in range(model.num_layers)])
+        want, _ = _torch_lens_logits(torch_model, kernel_16, bias_16, ids)
+        got = np.asarray(lens.all_logits(model(ids).hidden_lbtd[:-1]))
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=str(dtype))

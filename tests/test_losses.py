@@ -25,6 +25,17 @@ def gptj(tmp_path_factory):
     return torch_model, model, ids
 
 
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+    """Gemma-2: its final logit soft-cap (c = 1 in the tiny config, so it bends the logits)
+    enters the fused loss and its gradient."""
+    torch_model = tiny_models.build("gemma2", seed=13)
+    model = load_model(tiny_models.save(torch_model, tmp_path_factory.mktemp("gemma2")))
+    assert model.decoder().logit_softcap == 1.0
+    ids = np.random.default_rng(2).integers(0, model.vocab_size, size=(3, 9)).astype(np.int32)
+    return torch_model, model, ids
+
+
 @pytest.mark.parametrize(
     "family,loss,chunk",
     [
@@ -33,6 +44,8 @@ def gptj(tmp_path_factory):
         ("gpt2", "ce", 5),
         ("gptj", "kl", 6),
         ("gptj", "ce", 8),
+        ("gemma2", "kl", 7),
+        ("gemma2", "ce", 5),
     ],
 )
 def test_chunked_losses_and_gradients_equal_the_plain_reference(family, loss, chunk, request):

@@ -44,7 +44,11 @@ def test_final_norm_and_unembed_match_pytorch_modules(pair):
     h = np.random.default_rng(1).normal(size=(5, model.d_model)).astype(np.float32) * 3
     with torch.no_grad():
         normed = tiny_models.final_norm_module(torch_model)(torch.tensor(h)).numpy()
-        logits = torch_model.get_output_embeddings()(torch.tensor(h)).numpy()
+        logits = torch_model.get_output_embeddings()(torch.tensor(h))
+        cap = getattr(torch_model.config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma-2/3's forward caps what lm_head gives, c * tanh(z / c)
+            logits = torch.tanh(logits / cap) * cap
+        logits = logits.numpy()
     np.testing.assert_allclose(model.final_norm(h), normed, atol=TOL, rtol=TOL)
     np.testing.assert_allclose(model.unembed(h), logits, atol=TOL, rtol=TOL)
 
@@ -57,6 +61,26 @@ def test_facts(pair):
     assert model.vocab_size == tiny_models.VOCAB
     expected_positions = None if model.model_type == "bloom" else 64
     assert model.max_positions == expected_positions
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        {"rope_type": "longrope", "short_factor": [1.5] * 8, "long_factor": [4.0] * 8},
+    ],
+    ids=["yarn", "longrope"],
+)
+def test_transformers_flax_llama_takes_jaxlens_rope_scalings(rope_scaling, tmp_path):
+    """The corrected Flax Llama rotates with jaxlens's rotary module: its scalings (and their
+    factor on cos and sin) match PyTorch's."""
+    overrides = {"rope_scaling": rope_scaling, "original_max_position_embeddings": 8}
+    torch_model = tiny_models.build("llama", seed=2, **overrides)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    ids = _token_ids(model.vocab_size)
+    with torch.no_grad():
+        want = torch_model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(model(ids).logits_btv, want, atol=TOL, rtol=TOL)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -73,6 +73,29 @@ def test_log_probs_and_shapes_match_pytorch(tiny, tuned):
     assert tuned.layer_names == ["0", "1", "2", "output"]
 
 
+def test_a_soft_capped_model_s_trajectory_matches_pytorch(tmp_path):
+    """Gemma-2 caps its logits, c tanh(z / c): every lens row is capped as the output row is."""
+    torch_model = tiny_models.build("gemma2", seed=4)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    translators = tiny_models.random_translators(model.num_layers, model.d_model)
+    lens = TunedLens(decoder=model.decoder(), translators=translators)
+    ids = np.random.default_rng(1).integers(0, model.vocab_size, size=T)
+    cap = torch_model.config.final_logit_softcapping
+    norm, head = tiny_models.final_norm_module(torch_model), torch_model.get_output_embeddings()
+    with torch.no_grad():
+        out = torch_model(torch.tensor(ids[None]), output_hidden_states=True)
+        rows = []
+        for layer, h in enumerate(out.hidden_states[:-1]):
+            moved = h[0] + h[0] @ torch.tensor(np.asarray(translators.kernel_ldd[layer]))
+            moved = moved + torch.tensor(np.asarray(translators.bias_ld[layer]))
+            rows.append(torch.tanh(head(norm(moved)) / cap) * cap)
+        rows.append(out.logits[0])
+    _close(
+        PredictionTrajectory.from_lens(lens, model, ids).log_probs_ltv,
+        torch.stack(rows).double().log_softmax(-1),
+    )
+
+
 def test_statistics_match_independent_computation(tiny, tuned):
     _, _, ids, lp = tiny
     p = lp.exp()

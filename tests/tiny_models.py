@@ -5,7 +5,9 @@ mistake in any of them (a norm read as 1, a bias dropped, a transposed kernel) s
 comparison. Llama, Mistral and Gemma use a non-default rope_theta, an explicit head_dim that is not
 hidden_size // heads, tied embeddings and grouped-query attention, which transformers' stock Flax
 classes get wrong. jaxlens's native families are set up the same way: GPT-NeoX with partial rotary
-and a non-default base, Qwen2 (attention biases) tied, Qwen3 (q/k norms) untied.
+and a non-default base, Qwen2 (attention biases) tied, Qwen3 (q/k norms) untied; Gemma-2/3 with
+soft-caps that bend, sliding windows shorter than the test sequences and both layer kinds,
+OLMo-3's sliding layers, Phi-3's partial rotary and window, a SmolLM3 layer without RoPE.
 """
 
 from __future__ import annotations
@@ -81,7 +83,86 @@ def configs() -> dict[str, transformers.PretrainedConfig]:
         "qwen3": transformers.Qwen3Config(
             **{**common_llama, "rope_theta": 4000.0, "tie_word_embeddings": False}
         ),
+        # Soft-caps small enough to bend the scores and logits, windows shorter than the test
+        # sequences (12 tokens), and every layer kind present.
+        "gemma2": transformers.Gemma2Config(
+            **common_llama,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            attn_logit_softcapping=0.5,
+            final_logit_softcapping=1.0,
+        ),
+        "gemma3_text": transformers.Gemma3TextConfig(
+            **{**common_llama, "rope_theta": 5000.0, "tie_word_embeddings": False},
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=20,
+            sliding_window=4,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_local_base_freq=300.0,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+            final_logit_softcapping=3.0,
+        ),
+        "olmo2": transformers.Olmo2Config(**{**common_llama, "tie_word_embeddings": False}),
+        "olmo3": transformers.Olmo3Config(
+            **{**common_llama, "tie_word_embeddings": False},
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+        ),
+        "phi3": transformers.Phi3Config(
+            **{**common_llama, "tie_word_embeddings": False},
+            partial_rotary_factor=0.5,
+            sliding_window=5,
+            pad_token_id=0,
+        ),
+        "smollm3": transformers.SmolLM3Config(
+            **common_llama, no_rope_layers=[1, 0, 1], pad_token_id=0
+        ),
+        # Mixture of experts, top-2 of 4 or 8 experts of width 24: Mixtral renormalises the two
+        # weights and slides a window shorter than the test sequences; Qwen3-MoE renormalises
+        # and keeps layer 1 dense (`mlp_only_layers`); OLMoE does not renormalise and norms q/k
+        # over whole projections (its heads are hidden_size // heads wide, no head_dim).
+        "mixtral": transformers.MixtralConfig(
+            **{**common_llama, "intermediate_size": 24, "tie_word_embeddings": False},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=5,
+        ),
+        "qwen3_moe": transformers.Qwen3MoeConfig(
+            **{**common_llama, "rope_theta": 4000.0},
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            mlp_only_layers=[1],
+            norm_topk_prob=True,
+        ),
+        "olmoe": transformers.OlmoeConfig(
+            **{**_without(common_llama, "head_dim"), "intermediate_size": 24},
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+        # GPT-OSS: sliding (window 4) and full layers alternating, YaRN, attention sinks.
+        "gpt_oss": transformers.GptOssConfig(
+            **{**common_llama, "intermediate_size": 24, "tie_word_embeddings": False},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 16,
+            },
+        ),
     }
+
+
+def _without(fields: dict, key: str) -> dict:
+    return {k: v for k, v in fields.items() if k != key}
 
 
 FAMILIES = tuple(configs())

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxlens.models import convert_experts
+
 # Buffers that PyTorch checkpoints may carry but that are not parameters (causal-mask and rotary
 # tables of older GPT-2 / GPT-Neo / GPT-NeoX / Llama saves).
 _BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|attention\.bias|masked_bias|inv_freq)$")
@@ -65,9 +67,11 @@ def params_from_torch_names(
       CheckpointMismatchError: naming every missing, unexpected and mis-shaped tensor.
     """
     expected = flatten_dict(dict(shape_tree))
-    filled: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected, misshaped = [], []
-    for name, array in tensors.items():
+    tensors = convert_experts.unpack_mxfp4(tensors, dtype)  # GPT-OSS's packed experts
+    experts = convert_experts.gather(tensors, expected, base_prefix, dtype)  # MoE stacks
+    filled: dict[tuple[str, ...], np.ndarray] = dict(experts.filled)
+    unexpected, misshaped = experts.unexpected, experts.misshaped
+    for name, array in experts.rest.items():
         parts = tuple(name.split("."))
         match = next(
             ((k, t) for k, t in _candidates(parts, base_prefix) if k in expected),
@@ -86,7 +90,9 @@ def params_from_torch_names(
             misshaped.append(f"{name}: checkpoint {tuple(array.shape)}, model expects {want}")
             continue
         filled[key] = value.astype(dtype or expected[key].dtype, copy=False)
-    missing = [_torch_name(k) for k in expected if k not in filled]
+    missing = experts.missing + [
+        _torch_name(k) for k in expected if k not in filled and k not in experts.stack_keys
+    ]
     _raise_if_mismatched(missing, unexpected, misshaped)
     return unflatten_dict(filled)
 

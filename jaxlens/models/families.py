@@ -1,10 +1,11 @@
 """The model families jaxlens can look into, and where each keeps what a lens needs.
 
 A family is a transformers `model_type` with a Flax causal-LM class: transformers' own (corrected
-in `flax_fixes` where needed), or jaxlens's native ones for the families transformers has no Flax
-model for (GPT-NeoX in `neox`, Qwen2/Qwen3 in `qwen`). For each we record where the final norm and
-the unembedding live in the Flax parameter tree, what kind of norm it is, and which epsilon it
-uses, so a lens can decode any layer with the model's own head.
+in `flax_fixes` where needed), or jaxlens's native decoder (`native`, one implementation whose
+per-family differences are a `DecoderSpec` built in `specs`) for the families transformers has no
+Flax model for. For each we record where the final norm and the unembedding live in the Flax
+parameter tree, what kind of norm it is, which epsilon it uses, and the final logit soft-cap, so
+a lens can decode any layer with the model's own head.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 
 import transformers
 
-from jaxlens.models import flax_fixes, native, neox, qwen
+from jaxlens.models import flax_fixes, native, rotary, specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Family:
       eps: the epsilon when the config has no attribute for it.
       takes_position_ids: whether the Flax module accepts `position_ids` (ALiBi models do not).
       max_positions_attr: config attribute with the position limit (None: no learned limit).
+      softcap_attr: config attribute of the final logit soft-cap `c * tanh(z / c)` (None: none).
     """
 
     name: str
@@ -45,6 +47,12 @@ class Family:
     eps: float = 1e-5
     takes_position_ids: bool = True
     max_positions_attr: str | None = "max_position_embeddings"
+    softcap_attr: str | None = None
+
+    def logit_softcap(self, config) -> float | None:
+        """The final logit soft-cap c of the config, or None."""
+        cap = getattr(config, self.softcap_attr, None) if self.softcap_attr else None
+        return None if cap is None else float(cap)
 
     def epsilon(self, config) -> float:
         return float(getattr(config, self.eps_attr)) if self.eps_attr else self.eps
@@ -67,7 +75,7 @@ def _gpt_style(name, flax_class, embedding="wte", lm_head=None, positions="n_pos
     )
 
 
-def _llama_style(name, flax_class, norm_kind="rmsnorm"):
+def _llama_style(name, flax_class, norm_kind="rmsnorm", **fields):
     return Family(
         name=name,
         flax_class=flax_class,
@@ -77,6 +85,7 @@ def _llama_style(name, flax_class, norm_kind="rmsnorm"):
         embedding=("model", "embed_tokens", "embedding"),
         lm_head=("lm_head",),
         eps_attr="rms_norm_eps",
+        **fields,
     )
 
 
@@ -108,7 +117,7 @@ FAMILIES: dict[str, Family] = {
         _llama_style("gemma", flax_fixes.FixedFlaxGemmaForCausalLM, norm_kind="gemma_rmsnorm"),
         Family(
             name="gpt_neox",
-            flax_class=neox.FlaxGPTNeoXForCausalLM,
+            flax_class=native.NativeDecoderLM,
             final_norm=("gpt_neox", "final_layer_norm"),
             norm_kind="layernorm",
             norm_scale_name="scale",
@@ -116,8 +125,23 @@ FAMILIES: dict[str, Family] = {
             lm_head=("embed_out",),
             eps_attr="layer_norm_eps",
         ),
-        _llama_style("qwen2", qwen.FlaxQwen2ForCausalLM),
-        _llama_style("qwen3", qwen.FlaxQwen3ForCausalLM),
+        _llama_style("qwen2", native.NativeDecoderLM),
+        _llama_style("qwen3", native.NativeDecoderLM),
+        *(
+            _llama_style(
+                name,
+                native.NativeDecoderLM,
+                norm_kind="gemma_rmsnorm",
+                softcap_attr="final_logit_softcapping",
+            )
+            for name in ("gemma2", "gemma3_text")
+        ),
+        *(_llama_style(name, native.NativeDecoderLM) for name in ("olmo2", "olmo3", "phi3")),
+        _llama_style("smollm3", native.NativeDecoderLM),
+        *(
+            _llama_style(name, native.NativeDecoderLM)
+            for name in ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
+        ),
     ]
 }
 
@@ -130,7 +154,7 @@ def require_supported(model_type: str | None) -> None:
         raise ValueError(
             f"Unsupported architecture {model_type!r}: jaxlens supports the model types "
             f"{', '.join(SUPPORTED)} (transformers' Flax causal LMs, and jaxlens's own Flax "
-            "GPT-NeoX, Qwen2 and Qwen3)."
+            "decoder for the others)."
         )
 
 
@@ -152,11 +176,9 @@ def _check_supported_variant(model_type: str, config) -> None:
     if model_type in ("llama", "mistral") and getattr(config, "mlp_bias", False):
         problems.append("mlp_bias=True (the Flax MLP has no biases)")
     if model_type in ("llama", "mistral", "gemma"):
-        problems += native.unsupported_rope(config)
-    if model_type == "gpt_neox":
-        problems += neox.unsupported_features(config)
-    if model_type in ("qwen2", "qwen3"):
-        problems += qwen.unsupported_features(config)
+        problems += rotary.unsupported_scaling(config)
+    if model_type in specs.FAMILIES:
+        problems += specs.unsupported_features(config)
     if problems:
         raise ValueError(
             f"This {model_type} variant is not supported by jaxlens: {'; '.join(problems)}."

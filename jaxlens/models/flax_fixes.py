@@ -4,6 +4,7 @@ transformers 4.57.6 is the last release with Flax models, so their defects will 
 upstream. Found with real weights:
 
 * the rotary embedding hard-codes base 10000 and ignores `config.rope_theta` (and `rope_scaling`);
+  we compute it with jaxlens's own `rotary` module, as the native decoder does;
 * Llama and Mistral derive `head_dim` from `hidden_size // num_attention_heads` instead of reading
   `config.head_dim`;
 * Llama and Mistral always build a separate `lm_head`, so a checkpoint with tied embeddings gets a
@@ -23,58 +24,13 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from transformers.modeling_flax_outputs import FlaxCausalLMOutput
 from transformers.models.gemma import modeling_flax_gemma
 from transformers.models.llama import modeling_flax_llama
 from transformers.models.mistral import modeling_flax_mistral
 
-
-def head_dim(config) -> int:
-    """The per-head width: `config.head_dim` when set, else hidden_size // heads."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def rope_inverse_frequencies(config) -> np.ndarray:
-    """Rotary inverse frequencies `[head_dim // 2]` (float32), honouring `rope_theta`/scaling.
-
-    Computed in float32 as PyTorch transformers does, so angles agree to the last bit.
-    """
-    dim = head_dim(config)
-    base = float(getattr(config, "rope_theta", 10000.0) or 10000.0)
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(base) ** exponents)).astype(np.float32)
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
-    if kind == "llama3":
-        return _llama3_scaled(inv_freq, scaling)
-    raise NotImplementedError(
-        f"rope_scaling type {kind!r} is not supported by jaxlens's Flax models; supported: "
-        "default, linear, llama3."
-    )
-
-
-def _llama3_scaled(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
-    # Llama 3.1's scheme: long wavelengths are slowed by `factor`, short ones kept, and the band
-    # between is interpolated smoothly in 1/wavelength.
-    factor = scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    context = scaling["original_max_position_embeddings"]
-    wavelength = 2 * np.pi / inv_freq
-    scaled = np.where(wavelength > context / low, inv_freq / factor, inv_freq)
-    smooth = (context / wavelength - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelength >= context / high) & (wavelength <= context / low)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+from jaxlens.models import rotary
+from jaxlens.models.rotary import head_dim
 
 
 class RotaryEmbedding(nn.Module):
@@ -84,13 +40,12 @@ class RotaryEmbedding(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def __call__(self, key, query, position_ids):
-        inv_freq = jnp.asarray(rope_inverse_frequencies(self.config))
-        angles = position_ids[..., None].astype(jnp.float32) * inv_freq  # [b, t, head_dim/2]
-        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # broadcast over heads
-        sin, cos = jnp.sin(angles), jnp.cos(angles)
+        rope = rotary.rope_of(self.config)
+        cos_btr, sin_btr = rotary.rotary_tables(position_ids, rope, position_ids.shape[-1])
+        cos, sin = cos_btr[:, :, None], sin_btr[:, :, None]  # broadcast over heads
 
         def rotate(x):
-            return ((x * cos) + (_rotate_half(x) * sin)).astype(self.dtype)
+            return ((x * cos) + (rotary.rotate_half(x) * sin)).astype(self.dtype)
 
         return rotate(key), rotate(query)
 

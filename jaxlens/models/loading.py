@@ -103,7 +103,7 @@ def load_model_dir(directory: Path, *, dtype=jnp.float32, with_tokenizer=True) -
     config = read_config(directory)
     flax_model = SubjectModel.flax_model_for(config, dtype)
     shape_tree = flax_model.params_shape_tree
-    prefix = config_prefix(config)
+    prefix = flax_model.base_model_prefix
     if (directory / "model.safetensors").is_file():
         params = convert.params_from_torch_names(
             _read_safetensors([directory / "model.safetensors"]), shape_tree, prefix, dtype
@@ -133,10 +133,6 @@ def load_model_dir(directory: Path, *, dtype=jnp.float32, with_tokenizer=True) -
         name_or_path=getattr(config, "_name_or_path", None) or str(directory),
         flax_model=flax_model,
     )
-
-
-def config_prefix(config) -> str:
-    return families.family_of(config).flax_class.base_model_prefix
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:

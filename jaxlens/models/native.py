@@ -1,12 +1,24 @@
-"""Pieces shared by jaxlens's own Flax causal LMs (GPT-NeoX in `neox`, Qwen2/Qwen3 in `qwen`).
+"""jaxlens's own Flax decoder: one implementation for every decoder-only family it builds itself.
 
-transformers 4.57.6, the last release with Flax models, has none for GPT-NeoX (Pythia) or Qwen, so
-jaxlens writes them itself. Module and parameter paths mirror the Hugging Face PyTorch names
-(`gpt_neox/layers/0/attention/query_key_value/kernel` for `gpt_neox.layers.0.attention.
-query_key_value.weight`), so `convert.params_from_torch_names` loads a safetensors checkpoint
-without torch. `NativeCausalLM` offers the little of a transformers Flax model class that
-`SubjectModel` uses: `cls(config, dtype=..., _do_init=False)`, `.module`, `.params_shape_tree` and
-the class attribute `base_model_prefix`.
+transformers 4.57.6, the last release with Flax models, has none for GPT-NeoX, Qwen2/3, Gemma-2/3,
+OLMo-2/3, Phi-3 or SmolLM3, so jaxlens writes one decoder whose per-family differences are data: a
+`DecoderSpec` (`spec`) built from the Hugging Face config by `specs.spec_of`. A block is
+
+    a = post_attention_norm(attention(pre_attention_norm(h)))      # absent norms are identities
+    h = h + a;  h = h + post_mlp_norm(mlp(pre_mlp_norm(h)))        # or, parallel: h + a + mlp(..)
+
+with the attention (`attention`), rotary embedding (`rotary`), norms (`norms`) and MLP (`mlp`) in
+their own modules. Module and parameter paths mirror the PyTorch names (`model/layers/0/self_attn/
+q_proj/kernel` for `model.layers.0.self_attn.q_proj.weight`), so `convert.params_from_torch_names`
+loads a safetensors checkpoint without torch. `NativeDecoderLM` offers the little of a transformers
+Flax model class that `SubjectModel` uses: `cls(config, dtype=..., _do_init=False)`, `.module`,
+`.params_shape_tree` and `.base_model_prefix`.
+
+The MLP slot: each layer's feed-forward block is built by `mlp.mlp_module(spec, layer, dtype)`
+from `LayerSpec.mlp`: "dense", or "moe" for the routed experts of Mixtral, Qwen3-MoE, OLMoE and
+GPT-OSS (`moe.RoutedExperts`, named after the family's sparse block, e.g. Mixtral's
+"block_sparse_moe"; its sizes and routing in `DecoderSpec.moe`, filled in with each layer's kind
+by the family's builder in `specs`: Qwen3-MoE may mix dense and sparse layers).
 
 Axis letters: b batch, t (and s) token position, d model width, h query heads, k key/value heads,
 g query heads per key/value head, e head width, r rotary width, v vocabulary.
@@ -14,34 +26,21 @@ g query heads per key/value head, e head width, r rotary width, v vocabulary.
 
 from __future__ import annotations
 
-import functools
-import types
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxlens.models import flax_fixes
-
-ACTIVATIONS = {
-    "gelu": functools.partial(nn.gelu, approximate=False),  # PyTorch's exact (erf) GELU
-    "gelu_new": functools.partial(nn.gelu, approximate=True),
-    "gelu_fast": functools.partial(nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-}
-ROPE_TYPES = ("default", "linear", "llama3")  # what `flax_fixes.rope_inverse_frequencies` computes
+from jaxlens.models import attention, mlp, norms, rotary, specs
+from jaxlens.models.spec import DecoderSpec, LayerSpec
 
 
 class CausalLMOutput(NamedTuple):
-    """What the native modules return (the fields `SubjectModel.apply` reads).
+    """What the native module returns (the fields `SubjectModel.apply` reads).
 
     Attributes:
-      logits: `[b, t, v]`.
+      logits: `[b, t, v]` (soft-capped when the family caps them).
       hidden_states: L + 1 arrays `[b, t, d]` (the last final-normed), or None when not asked for.
     """
 
@@ -49,177 +48,92 @@ class CausalLMOutput(NamedTuple):
     hidden_states: tuple[jax.Array, ...] | None
 
 
-class NativeCausalLM:
-    """A native Flax causal LM without parameters, shaped like a transformers Flax model class.
+class Block(nn.Module):
+    """One decoder layer, named "0", "1", ... as in PyTorch's `layers` ModuleList."""
 
-    Subclasses set `module_class` (the linen module, built as `module_class(config, dtype=...)`)
-    and `base_model_prefix` (the PyTorch name of the base model, "gpt_neox" or "model").
+    spec: DecoderSpec
+    layer: LayerSpec
+    dtype: jnp.dtype = jnp.float32
 
-    Attributes:
-      module: the linen module; `module.apply({"params": p}, input_ids, ...)` runs it.
-      params_shape_tree: the parameter tree as `jax.ShapeDtypeStruct`s (nothing allocated).
-    """
+    def _norm(self, name, x):
+        if name is None:
+            return x
+        spec = self.spec
+        return norms.make_norm(spec.norm_kind, spec.hidden_size, spec.norm_eps, self.dtype, name)(x)
 
-    module_class: type[nn.Module]
-    base_model_prefix: str
-
-    def __init__(self, config, dtype=jnp.float32, _do_init: bool = False):
-        """Builds the module for `config`; `_do_init` is accepted for transformers' signature,
-        but parameters are never initialised here: they come from a checkpoint."""
-        del _do_init
-        self.config = config
-        self.dtype = dtype
-        self.module = self.module_class(config, dtype=dtype)
-        ids = jnp.zeros((1, 1), jnp.int32)
-        self.params_shape_tree = jax.eval_shape(
-            lambda: self.module.init(jax.random.key(0), ids)["params"]
+    @nn.compact
+    def __call__(self, h_btd, mask_bts, rotary_tables):
+        spec, names = self.spec, self.spec.norms
+        attend = attention.Attention(
+            spec, self.layer.sliding_window, dtype=self.dtype, name=spec.attention_name
         )
+        feed_forward = mlp.mlp_module(spec, self.layer, self.dtype)
+        attn_btd = attend(self._norm(names.pre_attention, h_btd), mask_bts, rotary_tables)
+        attn_btd = self._norm(names.post_attention, attn_btd)
+        if spec.parallel_residual:
+            mlp_btd = feed_forward(self._norm(names.pre_mlp, h_btd))
+            return self._norm(names.post_mlp, mlp_btd) + attn_btd + h_btd  # PyTorch's order
+        h_btd = h_btd + attn_btd
+        mlp_btd = feed_forward(self._norm(names.pre_mlp, h_btd))
+        return h_btd + self._norm(names.post_mlp, mlp_btd)
 
 
-def activation(name: str):
-    """The JAX function of a transformers `hidden_act` name (ValueError when we lack it)."""
-    if name not in ACTIVATIONS:
-        raise ValueError(
-            f"Activation {name!r} is not supported by jaxlens's native models; supported: "
-            f"{', '.join(ACTIVATIONS)}."
-        )
-    return ACTIVATIONS[name]
+class Layers(nn.Module):
+    """The blocks; `masks` and `tables` hold each layer's mask and rotary tables (or None)."""
 
-
-def unsupported_rope(config) -> list[str]:
-    """Reasons (empty if none) why jaxlens cannot reproduce the config's rotary embedding."""
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind in ROPE_TYPES:
-        return []
-    return [f"rope_scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})"]
-
-
-def inverse_frequencies(config, rotary_dim: int) -> np.ndarray:
-    """Rotary inverse frequencies `[rotary_dim // 2]` for the first `rotary_dim` head dims.
-
-    Partial rotary (GPT-NeoX's `rotary_pct`) uses the full-rotary formula with the rotary width
-    in place of the head width, as PyTorch transformers does.
-    """
-    rotary_config = types.SimpleNamespace(
-        head_dim=rotary_dim,
-        rope_theta=getattr(config, "rope_theta", 10000.0),
-        rope_scaling=getattr(config, "rope_scaling", None),
-    )
-    return flax_fixes.rope_inverse_frequencies(rotary_config)
-
-
-def rotary_tables(positions_bt: jax.Array, inv_freq_r2: np.ndarray):
-    """cos and sin `[b, t, r]` (float32) of the rotary angles at each position."""
-    angles_btr2 = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_r2)
-    angles_btr = jnp.concatenate([angles_btr2, angles_btr2], axis=-1)
-    return jnp.cos(angles_btr), jnp.sin(angles_btr)
-
-
-def apply_rotary(x_bthe: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array) -> jax.Array:
-    """Rotates the first r of each head's e dims (the rest pass through), in x's dtype.
-
-    Args:
-      x_bthe: queries or keys `[b, t, heads, e]`.
-      cos_btr, sin_btr: from `rotary_tables`, r <= e.
-    Returns:
-      `[b, t, heads, e]`.
-    """
-    rotary = cos_btr.shape[-1]
-    cos = cos_btr[:, :, None].astype(x_bthe.dtype)  # PyTorch casts the tables to x's dtype too
-    sin = sin_btr[:, :, None].astype(x_bthe.dtype)
-    x_rot, x_pass = x_bthe[..., :rotary], x_bthe[..., rotary:]
-    rotated = x_rot * cos + flax_fixes._rotate_half(x_rot) * sin
-    return jnp.concatenate([rotated, x_pass], axis=-1)
-
-
-def causal_mask(attention_mask_bt: jax.Array, tokens: int) -> jax.Array:
-    """Boolean `[b, t, s]`: query t may see key s (causal, and s is not padding)."""
-    causal_11ts = flax_fixes.LazyCausalMask()[:, :, :tokens, :tokens]
-    return causal_11ts[0] & attention_mask_bt[:, None, :].astype(bool)
-
-
-def attend(q_bthe, k_bske, v_bske, mask_bts, scale: float) -> jax.Array:
-    """Scaled dot-product attention with grouped key/value heads, softmax in float32.
-
-    Query head i reads key/value head i // g (PyTorch's `repeat_kv` order).
-
-    Args:
-      q_bthe: queries `[b, t, h, e]`.
-      k_bske, v_bske: keys and values `[b, s, k, e]`, h a multiple of k.
-      mask_bts: boolean `[b, t, s]`, True where attention is allowed.
-      scale: multiplies the scores (1 / sqrt(e)).
-    Returns:
-      `[b, t, h * e]` in q's dtype.
-    """
-    b, t, h, e = q_bthe.shape
-    kv_heads = k_bske.shape[2]
-    q_btkge = q_bthe.reshape(b, t, kv_heads, h // kv_heads, e)
-    scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske) * scale
-    scores_bkgts = jnp.where(
-        mask_bts[:, None, None], scores_bkgts.astype(jnp.float32), jnp.finfo(jnp.float32).min
-    )
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(q_bthe.dtype)
-    out_btkge = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske)
-    return out_btkge.reshape(b, t, h * e)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm as Llama/Qwen write it: normalise in float32, cast back, then scale by `weight`."""
-
-    features: int
-    eps: float
+    spec: DecoderSpec
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (self.features,), self.dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt((x32**2).mean(-1, keepdims=True) + self.eps)
-        return weight * normed.astype(x.dtype)
-
-
-class LayerStack(nn.Module):
-    """The decoder blocks, named "0", "1", ... as in PyTorch's `layers` ModuleList.
-
-    `block` is built as `block(config, dtype=..., name=str(i))` and called as
-    `block(h_btd, mask_bts, cos_btr, sin_btr)`.
-    """
-
-    block: type[nn.Module]
-    config: object
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h_btd, mask_bts, cos_btr, sin_btr):
+    def __call__(self, h_btd, masks, tables):
         """Returns the last block's output and every block's input (L arrays `[b, t, d]`)."""
         inputs = []
-        for i in range(self.config.num_hidden_layers):
+        for i, layer in enumerate(self.spec.layers):
             inputs.append(h_btd)
-            h_btd = self.block(self.config, dtype=self.dtype, name=str(i))(
-                h_btd, mask_bts, cos_btr, sin_btr
-            )
+            block = Block(self.spec, layer, dtype=self.dtype, name=str(i))
+            h_btd = block(h_btd, masks[i], tables[i])
         return h_btd, inputs
 
 
-class CausalLMModule(nn.Module):
-    """A causal LM: a base model (embedding, blocks, final norm) then the unembedding.
+class DecoderStack(nn.Module):
+    """The base model (`model`, or `gpt_neox`): embedding, blocks, final norm."""
 
-    Subclasses build their submodules in `setup` and say which is the base model and how the
-    final-normed stream becomes logits (`embed_out`, `lm_head`, or the tied input embedding).
-    """
-
-    config: object
+    spec: DecoderSpec
     dtype: jnp.dtype = jnp.float32
 
-    def base_model(self) -> nn.Module:
-        """The submodule called as `base(ids_bt, mask_bt, positions_bt) -> (out_btd, hidden)`."""
-        raise NotImplementedError
+    @nn.compact
+    def __call__(self, input_ids_bt, attention_mask_bt, position_ids_bt):
+        """Returns the final-normed output `[b, t, d]`, the L + 1 hidden states and the
+        embedding matrix `[v, d]` (the unembedding when tied)."""
+        spec, dtype = self.spec, self.dtype
+        embed = nn.Embed(
+            spec.vocab_size, spec.hidden_size, dtype=dtype, param_dtype=dtype, name=spec.embed_name
+        )
+        h_btd = embed(input_ids_bt)
+        if spec.embed_scale:  # Gemma: sqrt(d), rounded to the model's dtype as in PyTorch
+            h_btd = h_btd * jnp.asarray(spec.hidden_size**0.5, dtype)
+        tokens = input_ids_bt.shape[1]
+        masks = {w: attention.causal_mask(attention_mask_bt, w) for w in spec.windows}
+        tables = {r: rotary.rotary_tables(position_ids_bt, r, tokens) for r in spec.ropes}
+        h_btd, inputs = Layers(spec, dtype=dtype, name="layers")(
+            h_btd,
+            [masks[layer.sliding_window] for layer in spec.layers],
+            [None if layer.rope is None else tables[layer.rope] for layer in spec.layers],
+        )
+        final_norm = norms.make_norm(
+            spec.norm_kind, spec.hidden_size, spec.norm_eps, dtype, spec.final_norm_name
+        )
+        out_btd = final_norm(h_btd)
+        return out_btd, (*inputs, out_btd), embed.embedding
 
-    def unembed(self, out_btd: jax.Array) -> jax.Array:
-        """Logits `[b, t, v]` of the final-normed stream."""
-        raise NotImplementedError
 
+class DecoderLM(nn.Module):
+    """A causal LM: the base model, then the unembedding (and the final logit soft-cap)."""
+
+    spec: DecoderSpec
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
     def __call__(
         self,
         input_ids,
@@ -240,15 +154,43 @@ class CausalLMModule(nn.Module):
           `CausalLMOutput(logits [b, t, v], hidden_states or None)`.
         """
         del return_dict
+        spec = self.spec
         batch, tokens = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, tokens), jnp.int32)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
-        out_btd, hidden = self.base_model()(input_ids, attention_mask, position_ids)
-        return CausalLMOutput(self.unembed(out_btd), hidden if output_hidden_states else None)
+        base = DecoderStack(spec, dtype=self.dtype, name=spec.base_name)
+        out_btd, hidden, embedding_vd = base(input_ids, attention_mask, position_ids)
+        if spec.tie_embeddings:
+            logits = jnp.dot(out_btd, embedding_vd.T.astype(out_btd.dtype))
+        else:
+            logits = attention.dense(spec.vocab_size, spec.head_name, self.dtype, False)(out_btd)
+        if spec.final_softcap is not None:
+            logits = jnp.tanh(logits / spec.final_softcap) * spec.final_softcap
+        return CausalLMOutput(logits, hidden if output_hidden_states else None)
 
 
-def dense(features: int, name: str | None, dtype, use_bias: bool = True) -> nn.Dense:
-    """A Linear layer; parameters in the model's dtype (`kernel` = PyTorch `weight`.T)."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name)
+class NativeDecoderLM:
+    """The native decoder for a transformers config, shaped like a transformers Flax model class.
+
+    Attributes:
+      spec: the `DecoderSpec` built from the config.
+      module: the linen module; `module.apply({"params": p}, input_ids, ...)` runs it.
+      params_shape_tree: the parameter tree as `jax.ShapeDtypeStruct`s (nothing allocated).
+      base_model_prefix: the PyTorch name of the base model ("model", "gpt_neox").
+    """
+
+    def __init__(self, config, dtype=jnp.float32, _do_init: bool = False):
+        """Builds the module for `config`; `_do_init` is accepted for transformers' signature,
+        but parameters are never initialised here: they come from a checkpoint."""
+        del _do_init
+        self.config = config
+        self.dtype = dtype
+        self.spec = specs.spec_of(config)
+        self.base_model_prefix = self.spec.base_name
+        self.module = DecoderLM(self.spec, dtype=dtype)
+        ids = jnp.zeros((1, 1), jnp.int32)
+        self.params_shape_tree = jax.eval_shape(
+            lambda: self.module.init(jax.random.key(0), ids)["params"]
+        )

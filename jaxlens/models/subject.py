@@ -198,6 +198,7 @@ class SubjectModel:
             norm_bias_d=norm.get("bias"),
             norm_kind=family.norm_kind if family.final_norm else "none",
             eps=family.epsilon(self.config),
+            logit_softcap=family.logit_softcap(self.config),
         )
 
     def final_norm(self, h_d: jax.Array) -> jax.Array:
@@ -205,7 +206,8 @@ class SubjectModel:
         return self.decoder().final_norm(h_d)
 
     def unembed(self, h_d: jax.Array) -> jax.Array:
-        """The model's unembedding (with lm_head bias if any) of `[..., d]` -> `[..., V]`."""
+        """The model's unembedding (with lm_head bias and logit soft-cap if any) of `[..., d]` ->
+        `[..., V]`."""
         return self.decoder().unembed(h_d)
 
     def __repr__(self) -> str:
