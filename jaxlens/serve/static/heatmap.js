@@ -40,10 +40,12 @@
     return Math.abs(value) >= 100 ? value.toFixed(0) : value.toPrecision(3);
   }
 
+  function percent(p) { return p >= 0.001 ? `${(100 * p).toFixed(1)}%` : "<0.1%"; }
+
   function tipRows(view, kind, r, c) {
     const ids = view.top_k[kind].ids[r][c], probs = view.top_k[kind].probs[r][c];
     return ids.map((id, i) => `<tr><td>${escape(shown(view.strings[id]))}</td>` +
-      `<td>${(100 * probs[i]).toFixed(1)}%</td></tr>`).join("");
+      `<td>${percent(probs[i])}</td></tr>`).join("");
   }
 
   function escape(text) {
@@ -107,8 +109,9 @@
     for (let i = 0; i <= 10; i++) stops.push(`rgb(${ramp(view.scale.diverging ? DIVERGING : VIRIDIS, i / 10).join(",")})`);
     bar.style.background = `linear-gradient(to right, ${stops.join(",")})`;
     const low = document.createElement("span"), high = document.createElement("span");
-    low.textContent = formatted(view.scale.min);
-    high.textContent = `${formatted(view.scale.max)} ${view.units}${view.scale.log ? " (log scale)" : ""}`;
+    const ends = (v) => (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(4));
+    low.textContent = ends(view.scale.min);
+    high.textContent = `${ends(view.scale.max)} ${view.units}${view.scale.log ? " (log scale)" : ""}`;
     box.append(low, bar, high);
     return box;
   }
@@ -121,8 +124,9 @@
       document.body.appendChild(tip);
     }
     const kinds = Object.keys(view.top_k);
-    tip.innerHTML = `<div class="head">layer ${escape(view.layer_names[r])}, token ${c} ` +
-      `${escape(shown(view.tokens[c]))}: ${formatted(view.values[r][c])} ${escape(view.units)}</div>` +
+    const row = view.layer_names[r] === "output" ? "output" : `layer ${view.layer_names[r]}`;
+    tip.innerHTML = `<div class="head">${escape(row)} · position ${c} “${escape(shown(view.tokens[c]))}”` +
+      ` · ${formatted(view.values[r][c])} ${escape(view.units)}</div>` +
       kinds.map((kind) => (kinds.length > 1 ? `<div>${kind} lens</div>` : "") +
         `<table>${tipRows(view, kind, r, c)}</table>`).join("");
     tip.style.display = "block";
