@@ -118,3 +118,19 @@ def test_a_bad_text_shows_the_error_and_the_page_recovers(served, browser):
     _submit(browser, "Once more unto the breach")
     assert _wait_for(browser, "shown") == "shown"
     assert browser.find_element("id", "error").text == ""
+
+
+def test_the_notebook_view_draws_the_same_heat_map(served, browser, tmp_path):
+    from jaxlens.serve.page import view_html
+
+    model, lens, _ = served
+    view = Explorer(model, lens, top_k=3).view(PROMPT, lens="difference", layers=(1, 2))
+    page = tmp_path / "cell.html"
+    page.write_text(f"<!doctype html><meta charset='utf-8'><body>{view_html(view)}</body>")
+    browser.get(page.as_uri())
+    cells = browser.find_elements("css selector", "td.cell")
+    drawn = {(c.get_attribute("data-row"), int(c.get_attribute("data-col"))): c for c in cells}
+    assert len(drawn) == 3 * view["num_tokens"]  # layers 1 and 2, and the output
+    for r, name in enumerate(view["layer_names"]):
+        for col, token in enumerate(view["top_tokens"][r]):
+            assert drawn[name, col].get_attribute("textContent") == _shown(token)

@@ -12,7 +12,8 @@ import pytest
 from jaxlens.lens import LogitLens
 from jaxlens.models import load_model
 from jaxlens.serve.explorer import Explorer
-from jaxlens.serve.server import STATIC_FILES, make_server, static_file
+from jaxlens.serve.page import STATIC_FILES, static_file
+from jaxlens.serve.server import make_server
 from jaxlens.trajectory_lib import PredictionTrajectory
 
 TEXT = "Now is the winter of our discontent"
@@ -55,6 +56,7 @@ def test_the_page_and_its_files(address):
     # The page names only its own files: nothing to fetch from elsewhere.
     assert set(re.findall(rb'(?:src|href)="([^"]+)"', page)) == {
         b"/static/style.css",
+        b"/static/heatmap.css",
         b"/static/heatmap.js",
         b"/static/app.js",
     }

@@ -2,7 +2,7 @@
 
 Routes:
   GET  /                 the page (`static/index.html`)
-  GET  /static/NAME      its script and style sheet, shipped inside the package (no CDN)
+  GET  /static/NAME      its scripts and style sheets, shipped inside the package (no CDN)
   GET  /api/info         `Explorer.info()`: model, lenses, statistics, token limit
   POST /api/view         JSON `{"text", "lens", "statistic", "layers": [first, last]}` ->
                          `Explorer.view(...)`; bad input -> 400 `{"error": "..."}`
@@ -16,28 +16,17 @@ request is answered as JSON and the server goes on serving.
 from __future__ import annotations
 
 import http.server
-import importlib.resources
 import json
 
 from absl import logging
 
 from jaxlens.serve.explorer import Explorer
+from jaxlens.serve.page import STATIC_FILES, static_file
 
-STATIC_FILES = {
-    "index.html": "text/html; charset=utf-8",
-    "heatmap.js": "text/javascript; charset=utf-8",
-    "app.js": "text/javascript; charset=utf-8",
-    "style.css": "text/css; charset=utf-8",
-}
 MAX_REQUEST_BYTES = 1 << 20
 _VIEW_FIELDS = ("text", "lens", "statistic", "layers")
 # Only the page's own files may load: a page that reached for a CDN would fail visibly offline.
 _CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
-
-
-def static_file(name: str) -> bytes:
-    """One of the page's files, read from the installed package."""
-    return (importlib.resources.files("jaxlens.serve") / "static" / name).read_bytes()
 
 
 def make_server(explorer: Explorer, host: str = "127.0.0.1", port: int = 8000):
