@@ -23,7 +23,10 @@ PROMPT = "Friends, Romans, countrymen,\nlend me your ears;"
 
 def _shown(token: str) -> str:
     """How the page writes a token in a cell (heatmap.js's `shown`)."""
-    return "∅" if token == "" else token.replace("\n", "↵").replace("\t", "⇥")
+    if token == "":
+        return "∅"
+    visible = token.replace("\n", "↵").replace("\t", "⇥")
+    return visible.replace(" ", "␣") if visible.strip() == "" else visible
 
 
 @pytest.fixture(scope="module")

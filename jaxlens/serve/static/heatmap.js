@@ -30,13 +30,17 @@
     return ramp(scale.diverging ? DIVERGING : VIRIDIS, position(value, scale));
   }
 
-  // How a token is written in a cell: line breaks and tabs made visible, nothing else changed.
+  // How a token is written in a cell: line breaks and tabs made visible, and the spaces of a
+  // token that is nothing but spaces; nothing else changed.
   function shown(token) {
-    return token === "" ? "∅" : token.replace(/\n/g, "↵").replace(/\t/g, "⇥");
+    if (token === "") return "∅";
+    const visible = token.replace(/\n/g, "↵").replace(/\t/g, "⇥");
+    return visible.trim() === "" ? visible.replace(/ /g, "␣") : visible;
   }
 
   function formatted(value) {
     if (value === null) return "–";
+    if (Math.abs(value) < 1e-4) return "0";
     return Math.abs(value) >= 100 ? value.toFixed(0) : value.toPrecision(3);
   }
 
@@ -109,7 +113,7 @@
     for (let i = 0; i <= 10; i++) stops.push(`rgb(${ramp(view.scale.diverging ? DIVERGING : VIRIDIS, i / 10).join(",")})`);
     bar.style.background = `linear-gradient(to right, ${stops.join(",")})`;
     const low = document.createElement("span"), high = document.createElement("span");
-    const ends = (v) => (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(4));
+    const ends = (v) => (Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) < 1e-4 ? "0" : v.toPrecision(4));
     low.textContent = ends(view.scale.min);
     high.textContent = `${ends(view.scale.max)} ${view.units}${view.scale.log ? " (log scale)" : ""}`;
     box.append(low, bar, high);
