@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jaxlens-installed
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: setup demo test bench lint format clean
+.PHONY: setup demo serve test browser bench lint format clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,25 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(PY) -m jaxlens.train --config=configs/smollm2_shakespeare.py --workdir=$(DEMO_WORKDIR)
 
+# The lens explorer on the embedded default: http://127.0.0.1:8000/ (SERVE_FLAGS="--lens=DIR ...").
+serve: setup
+	$(PY) -m jaxlens.serve $(SERVE_FLAGS)
+
+# The explorer's browser test needs Debian's chromium and chromedriver: installed here when
+# missing and we are root (as CI is); otherwise that one test says why it skips.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "note: /usr/bin/chromium is missing and installing it needs root; the browser test will skip"; \
+	  fi; \
+	fi
+
 bench: setup
 	$(PY) -m bench.run
 
-test: setup
+test: setup browser
 	$(PY) -m ruff check jaxlens tests configs bench
 	$(PY) -m ruff format --check jaxlens tests configs bench
 	$(PY) -m pytest -q

@@ -23,6 +23,7 @@ _API = {
     "load_model": "jaxlens.models",
     "load_lens": "jaxlens.lens_io",
     "load_translators": "jaxlens.lens_io",
+    "list_hub_lenses": "jaxlens.hub_lenses",
     "save_lens": "jaxlens.lens_io",
     "export_checkpoint": "jaxlens.lens_io",
     "PredictionTrajectory": "jaxlens.trajectory_lib",

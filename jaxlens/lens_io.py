@@ -4,9 +4,9 @@
 and an Orbax step) and writes a tuned-lens directory (`config.json` + `params.pt`) that
 `tuned_lens.TunedLens.from_model_and_pretrained` loads unchanged. No model and no torch are needed
 for that: the model's facts and its `unembed_hash` were recorded when training started.
-`load_lens` reads any tuned-lens directory (or a lens published in the tuned-lens Hugging Face
-Space) into a jaxlens `TunedLens` for a given model, checking that the two belong together. The
-file format itself lives in `torch_format`.
+`load_lens` reads any tuned-lens directory (or a lens on the Hugging Face hub, found by name by
+`hub_lenses`) into a jaxlens `TunedLens` for a given model, checking that the two belong
+together. The file format itself lives in `torch_format`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import numpy as np
 from jaxlens import torch_format
 from jaxlens.checkpointing import METADATA_FILENAME, Checkpointer
 from jaxlens.hub_ids import is_hub_id
+from jaxlens.hub_lenses import download_lens
 from jaxlens.lens import Translators, TunedLens
 from jaxlens.models import SubjectModel
-
-LENS_SPACE = "AlignmentResearch/tuned-lens"  # where tuned-lens publishes its lenses
 
 
 def model_unembed_hash(model: SubjectModel) -> str:
@@ -136,37 +135,32 @@ def _write(out_dir, translators, config, dtype, file_format, overwrite):
 # Import ------------------------------------------------------------------------------------
 
 
-def resolve_lens_dir(source) -> pathlib.Path:
-    """A local lens directory, or a lens id fetched from the tuned-lens Space (network)."""
+def resolve_lens_dir(source, *, revision: str | None = None) -> pathlib.Path:
+    """A local lens directory, or a hub lens id fetched (or found in the hub cache) by
+    `hub_lenses.download_lens`: tuned-lens's Space, then a community repository."""
     path = pathlib.Path(source).expanduser()
     if path.is_dir():
         return path
     text = str(source)
     if not is_hub_id(text):
         raise FileNotFoundError(f"No lens directory at {path}.")
-    from huggingface_hub import hf_hub_download
-
     try:
-        files = [
-            hf_hub_download(LENS_SPACE, f"lens/{text}/{name}", repo_type="space")
-            for name in ("config.json", "params.pt")
-        ]
-    except Exception as error:  # offline, or no such lens
-        raise FileNotFoundError(
-            f"{text!r} is not a local lens directory, and fetching lens/{text}/ from the "
-            f"Hugging Face Space {LENS_SPACE} failed ({type(error).__name__}: {error})."
-        ) from error
-    return pathlib.Path(files[0]).parent
+        return download_lens(text, revision=revision)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{text!r} is not a local lens directory. {error}") from error
 
 
-def load_translators(source, model: SubjectModel) -> Translators:
-    """Translators from a tuned-lens directory, lens id or jaxlens workdir, checked to fit."""
+def load_translators(source, model: SubjectModel, *, revision: str | None = None) -> Translators:
+    """Translators from a tuned-lens directory, lens id or jaxlens workdir, checked to fit.
+
+    `revision` picks the hub revision of a lens id (ignored for local paths).
+    """
     path = pathlib.Path(source).expanduser()
     if (path / "checkpoints").is_dir() and not (path / "params.pt").exists():
         bank = restore_translators(path)
         _check_fits(path, bank.num_layers, bank.d_model, model)
         return bank
-    lens_file = torch_format.read_lens_dir(resolve_lens_dir(source))
+    lens_file = torch_format.read_lens_dir(resolve_lens_dir(source, revision=revision))
     num_layers, d_model = lens_file.kernel_ldd.shape[0], lens_file.kernel_ldd.shape[-1]
     _check_fits(source, num_layers, d_model, model)
     stored = lens_file.config.get("unembed_hash")
@@ -181,9 +175,15 @@ def load_translators(source, model: SubjectModel) -> Translators:
     return Translators(kernel_ldd=jnp.asarray(lens_file.kernel_ldd), bias_ld=bias)
 
 
-def load_lens(source, model: SubjectModel) -> TunedLens:
-    """A tuned lens for `model` from a tuned-lens directory, lens id or jaxlens workdir."""
-    return TunedLens(decoder=model.decoder(), translators=load_translators(source, model))
+def load_lens(source, model: SubjectModel, *, revision: str | None = None) -> TunedLens:
+    """A tuned lens for `model` from a tuned-lens directory, hub lens id or jaxlens workdir.
+
+    A hub lens id is looked up as tuned-lens does (its Space `lens/<id>/`, or
+    `TUNED_LENS_REPO_ID`/`TUNED_LENS_REPO_TYPE`), then as a repository holding `config.json` +
+    `params.pt` (see `hub_lenses`); `revision` picks the hub revision.
+    """
+    translators = load_translators(source, model, revision=revision)
+    return TunedLens(decoder=model.decoder(), translators=translators)
 
 
 def _check_fits(source, num_layers: int, d_model: int, model: SubjectModel) -> None:

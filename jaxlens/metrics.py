@@ -40,7 +40,7 @@ def _evaluation_chunks(h_lbtd, input_ids_bt, chunk):
     )
 
 
-class _Stats(NamedTuple):
+class SoftmaxStats(NamedTuple):
     """Per-token facts of logits z `[c, V]`, kept free of large offsets for float32 accuracy:
     `shifted = z - max z`, `log_total = log sum exp(shifted)` (so lse = max z + log_total),
     next-token cross-entropy `ce`, the entropy of q = softmax(z), and, when a distribution p was
@@ -57,7 +57,13 @@ def _add(a: tuple, b: tuple) -> tuple:
     return tuple(x + y for x, y in zip(a, b, strict=True))
 
 
-def _softmax_stats(z_cv: jax.Array, labels_c: jax.Array, p_cv: jax.Array | None = None) -> _Stats:
+def softmax_stats(
+    z_cv: jax.Array, labels_c: jax.Array, p_cv: jax.Array | None = None
+) -> SoftmaxStats:
+    """Per-token statistics of logits `z_cv [c, V]` against labels `[c]` (and a distribution p).
+
+    Also what `jaxlens.serve` computes its heat map cells with; see `SoftmaxStats` for the fields.
+    """
     # Entropy as log_total - sum_v q_v shifted_v rather than lse - sum_v q_v z_v, and the cross
     # term as sum_v p_v shifted_v - log_total: the textbook forms cancel two numbers of the
     # logits' size and lose digits when logits are large. The sums over the vocabulary are one
@@ -71,7 +77,7 @@ def _softmax_stats(z_cv: jax.Array, labels_c: jax.Array, p_cv: jax.Array | None 
     ce = log_total - jnp.take_along_axis(shifted, labels_c[:, None], axis=-1)[:, 0]
     entropy = log_total - e_shifted / total
     cross = None if p_cv is None else sums[2] - log_total
-    return _Stats(shifted, log_total, ce, entropy, cross)
+    return SoftmaxStats(shifted, log_total, ce, entropy, cross)
 
 
 def _lensed(decoder: Decoder, translators: Translators | None):
@@ -119,13 +125,13 @@ def layer_metrics(
 
     def one_chunk(totals, xs):
         h_lcd, final_cd, labels_c, weight_c, next_weight_c = xs
-        model_stats = _softmax_stats(decoder.unembed(final_cd.astype(jnp.float32)), labels_c)
+        model_stats = softmax_stats(decoder.unembed(final_cd.astype(jnp.float32)), labels_c)
         # The model's own distribution p, once per chunk for all layers.
         p = jnp.exp(model_stats.shifted - model_stats.log_total[:, None])
         neg_entropy_c = -model_stats.entropy
 
         def one_layer(_, layer_xs):
-            lens_stats = _softmax_stats(logits(layer_xs), labels_c, p)
+            lens_stats = softmax_stats(logits(layer_xs), labels_c, p)
             kl = neg_entropy_c - lens_stats.cross
             return None, jnp.stack(
                 [
@@ -180,12 +186,12 @@ def transfer_metrics(
 
         def one_layer(_, layer_xs):  # layer j: its own distribution, then every translator i
             kernel_dd, bias_d, h_cd = layer_xs
-            own = _softmax_stats(decoder(translate(kernel_dd, bias_d, h_cd)), labels_c)
+            own = softmax_stats(decoder(translate(kernel_dd, bias_d, h_cd)), labels_c)
             p = jnp.exp(own.shifted - own.log_total[:, None])
             neg_entropy_c = -own.entropy
 
             def one_translator(_, translator_xs):
-                moved = _softmax_stats(decoder(translate(*translator_xs, h_cd)), labels_c, p)
+                moved = softmax_stats(decoder(translate(*translator_xs, h_cd)), labels_c, p)
                 kl = neg_entropy_c - moved.cross
                 return None, jnp.stack([(moved.ce * next_weight_c).sum(), (kl * weight_c).sum()])
 

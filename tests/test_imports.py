@@ -71,6 +71,7 @@ def test_no_module_is_over_the_size_limit():
 
 def test_library_modules_never_import_an_entry_point():
     entry_points = {"jaxlens.train", "jaxlens.evaluate", "jaxlens.export", "jaxlens.trajectory"}
+    entry_points |= {"jaxlens.serve.command", "jaxlens.serve.__main__"}
     modules = _modules()
     for name, path in modules.items():
         if name not in entry_points:

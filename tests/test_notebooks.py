@@ -14,7 +14,7 @@ NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 
 def test_there_are_notebooks():
     names = {p.stem for p in NOTEBOOKS}
-    assert {"quickstart", "trajectories", "export_to_pytorch"} <= names
+    assert {"quickstart", "trajectories", "export_to_pytorch", "explore"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -64,6 +64,22 @@ def test_trajectories_draws_the_trained_lens(notebook_env, trained_workdir, monk
     notebook = _run("trajectories", env, monkeypatch, tmp_path)
     assert "TunedLens" in _text(notebook)  # not the logit lens it falls back to
     assert (tmp_path / "trajectory.png").is_file() and (tmp_path / "trajectory.html").is_file()
+
+
+def test_explore_draws_the_heat_map_of_the_tuned_lens(
+    notebook_env, trained_workdir, monkeypatch, tmp_path
+):
+    env = {**notebook_env, "JAXLENS_NOTEBOOK_LENS": str(trained_workdir)}
+    notebook = _run("explore", env, monkeypatch, tmp_path)
+    assert "('logit', 'tuned', 'difference')" in _text(notebook)
+    pages = [
+        o["data"]["text/html"]
+        for c in notebook.cells
+        for o in c.get("outputs", [])
+        if "text/html" in o.get("data", {})
+    ]
+    assert len(pages) == 1 and "jaxlensHeatmap.render(" in pages[0]
+    assert '"lens":"tuned","statistic":"entropy"' in pages[0]
 
 
 def test_export_to_pytorch_agrees_with_tuned_lens(
