@@ -378,6 +378,7 @@ def is_budget_row(run: dict) -> bool:
 
 def plot(record: dict, path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -404,6 +405,11 @@ def plot(record: dict, path: str) -> None:
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers, not powers of ten
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks([1, 2, 5, 10, 17])
+    ax.set_xticks([10, 30, 100, 300, 1000])
     ax.set_xlabel("training wall time, s (loading and evaluation excluded)")
     ax.set_ylabel("held-out mean KL to the model (nats)")
     ax.set_title("SmolLM2-135M on Shakespeare, 2-core CPU: lens quality against time")
