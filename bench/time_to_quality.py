@@ -1,6 +1,6 @@
 """Time to quality: held-out KL of a tuned lens against its training wall time, SmolLM2/Shakespeare.
 
-Run (73 minutes on a shared 2-core CPU, under an hour alone; writes bench/results/time_to_quality.json and
+Run (73 minutes on a shared 2-core CPU; writes bench/results/time_to_quality.json and
 docs/time_to_quality.png):
   .venv/bin/python -m bench.time_to_quality
   .venv/bin/python -m bench.time_to_quality --quick      # every path at tiny sizes, a few minutes
