@@ -260,30 +260,6 @@ def test_a_checkpoint_whose_experts_do_not_fit_is_refused_naming_them(
         load_model(directory)
 
 
-@pytest.mark.parametrize(
-    "family,overrides,message",
-    [
-        ("qwen3_moe", {"num_experts_per_tok": 9}, "num_experts_per_tok=9 with 8 experts"),
-        ("qwen3_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step=0"),
-        ("mixtral", {"num_experts_per_tok": 0}, "num_experts_per_tok=0"),
-        ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
-        ("olmoe", {"head_dim": 16}, "head_dim=16"),
-        (
-            "mixtral",
-            {"quantization_config": {"quant_method": "gptq"}},
-            "quantization_config \\(quant_method 'gptq'\\): load it in transformers",
-        ),
-    ],
-)
-def test_unsupported_moe_configs_are_refused_at_load(family, overrides, message, tmp_path):
-    directory = tiny_models.save(tiny_models.build(family), tmp_path)
-    config = json.loads((directory / "config.json").read_text())
-    config.update(overrides)
-    (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"{family} variant is not supported.*{message}"):
-        load_model(directory)
-
-
 @pytest.mark.parametrize("checkpoint_dtype", ["float16", "bfloat16"])
 def test_16_bit_expert_checkpoints_load(checkpoint_dtype, tmp_path):
     """Stacked from 16-bit tensors, the experts compute in float32 as PyTorch's reload does."""

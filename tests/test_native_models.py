@@ -248,6 +248,17 @@ def test_pytorch_buffers_in_old_neox_checkpoints_are_ignored(tmp_path):
         ("gpt_neox", {"hidden_act": "mish"}, "hidden_act 'mish'"),
         # transformers' Flax Llama family is checked the same way, at load and not at trace time.
         ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling .*dyn"),
+        # Mixture-of-experts configs, by the same rule.
+        ("qwen3_moe", {"num_experts_per_tok": 9}, "num_experts_per_tok=9 with 8 experts"),
+        ("qwen3_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step=0"),
+        ("mixtral", {"num_experts_per_tok": 0}, "num_experts_per_tok=0"),
+        ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
+        ("olmoe", {"head_dim": 16}, "head_dim=16"),
+        (
+            "mixtral",
+            {"quantization_config": {"quant_method": "gptq"}},
+            "quantization_config \\(quant_method 'gptq'\\): load it in transformers",
+        ),
     ],
 )
 def test_unsupported_variants_are_refused(family, overrides, message, tmp_path):
