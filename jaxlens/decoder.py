@@ -23,6 +23,13 @@ from flax import struct
 NORM_KINDS = ("layernorm", "rmsnorm", "gemma_rmsnorm", "none")
 
 
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """`cap * tanh(x / cap)`, Gemma-2's soft-cap of logits and attention scores (x without one)."""
+    if cap is None:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
 @struct.dataclass
 class Decoder:
     """Final norm + unembedding of a causal LM.
@@ -87,9 +94,7 @@ class Decoder:
 
     def cap(self, logits: jax.Array) -> jax.Array:
         """The final soft-cap `c * tanh(z / c)` of raw logits (identity without one)."""
-        if self.logit_softcap is None:
-            return logits
-        return jnp.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return soft_cap(logits, self.logit_softcap)
 
     def __call__(self, h_d: jax.Array) -> jax.Array:
         """Logits `[..., vocab]` of un-normalised residual vectors `[..., d]`."""

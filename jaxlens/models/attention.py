@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlens.decoder import soft_cap
 from jaxlens.models import norms, rotary
 
 
@@ -59,8 +60,7 @@ def attend(
     kv_heads = k_bske.shape[2]
     q_btkge = q_bthe.reshape(b, t, kv_heads, h // kv_heads, e)
     scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske) * scale
-    if softcap is not None:
-        scores_bkgts = jnp.tanh(scores_bkgts / softcap) * softcap
+    scores_bkgts = soft_cap(scores_bkgts, softcap)
     scores_bkgts = jnp.where(
         mask_bts[:, None, None], scores_bkgts.astype(jnp.float32), jnp.finfo(jnp.float32).min
     )

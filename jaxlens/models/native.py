@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlens.decoder import soft_cap
 from jaxlens.models import attention, mlp, norms, rotary, specs
 from jaxlens.models.spec import DecoderSpec, LayerSpec
 
@@ -166,8 +167,7 @@ class DecoderLM(nn.Module):
             logits = jnp.dot(out_btd, embedding_vd.T.astype(out_btd.dtype))
         else:
             logits = attention.dense(spec.vocab_size, spec.head_name, self.dtype, False)(out_btd)
-        if spec.final_softcap is not None:
-            logits = jnp.tanh(logits / spec.final_softcap) * spec.final_softcap
+        logits = soft_cap(logits, spec.final_softcap)
         return CausalLMOutput(logits, hidden if output_hidden_states else None)
 
 
