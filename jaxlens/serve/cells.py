@@ -80,18 +80,18 @@ def top_k(z_tv: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def _cell_numbers(z_tv, targets_t, p_tv, neg_entropy_p_t, k):
     """The `Cells` fields of one row of logits (KL against the model's p)."""
     stats = softmax_stats(z_tv, targets_t, p_tv)
-    target_t = jnp.take_along_axis(stats.shifted, targets_t[:, None], axis=-1)
-    rank_t = (stats.shifted > target_t).sum(-1, dtype=jnp.int32)
-    top_values_tk, top_ids_tk = top_k(stats.shifted, k)
+    target_t = jnp.take_along_axis(z_tv, targets_t[:, None], axis=-1)
+    rank_t = (z_tv > target_t).sum(-1, dtype=jnp.int32)
+    top_values_tk, top_ids_tk = top_k(z_tv, k)
     return (
         stats.entropy,
         stats.ce,
         # KL >= 0; rounding leaves the output row's KL to itself a hair below zero.
         jnp.maximum(neg_entropy_p_t - stats.cross, 0.0),
         rank_t,
-        jnp.exp(-stats.log_total),  # the top token's shifted logit is 0
+        jnp.exp(-stats.log_total),  # the top token's logit is the peak
         top_ids_tk,
-        jnp.exp(top_values_tk - stats.log_total[:, None]),
+        jnp.exp((top_values_tk - stats.peak[:, None]) - stats.log_total[:, None]),
     )
 
 
@@ -114,7 +114,7 @@ def lens_cells(apply, params, lens: TunedLens, ids_bt: jax.Array, *, k: int) -> 
     targets_t = jnp.append(ids_bt[0, 1:], 0)
     model_z_tv = out.logits_btv[0].astype(jnp.float32)
     model = softmax_stats(model_z_tv, targets_t)
-    p_tv = jnp.exp(model.shifted - model.log_total[:, None])  # the model's own distribution
+    p_tv = jnp.exp(model.log_probs(model_z_tv))  # the model's own distribution
     neg_entropy_p_t = -model.entropy
 
     def one_layer(_, layer_xs):
