@@ -19,14 +19,15 @@ Example:
 
     edited = forward(model.params, ids_bt)  # a `Forward`, like `model.apply(params, ids_bt)`
 
-`forward_with_block_edits` gives an edit the block's input too (what `ablation.ablate_layer`
-needs to tell the block's own contribution from the stream it was added to).
+A `BlockEdit` also receives the block's input, which `ablation.ablate_layer` needs to tell the
+block's own contribution from the stream it was added to.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -36,12 +37,19 @@ from jaxlens.models.subject import Forward, SubjectModel
 Edit = Callable[[jax.Array], jax.Array]
 """`edit(h_btd) -> h_btd`: the new output of a block, from its output `[batch, tokens, d]`."""
 
-BlockEdit = Callable[[jax.Array, jax.Array], jax.Array]
-"""`edit(h_in_btd, h_out_btd) -> h_btd`: the new output of a block, from its input and output."""
+
+class BlockEdit(NamedTuple):
+    """An edit that also reads the block's input (the residual stream the block adds to).
+
+    Attributes:
+      fn: `fn(h_in_btd, h_out_btd) -> h_btd`, the block's new output from its input and output.
+    """
+
+    fn: Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def forward_with_edits(
-    model: SubjectModel, params, input_ids_bt: jax.Array, edits: Mapping[int, Edit]
+    model: SubjectModel, params, input_ids_bt: jax.Array, edits: Mapping[int, Edit | BlockEdit]
 ) -> Forward:
     """`model.apply(params, input_ids_bt)` with the outputs of some blocks edited.
 
@@ -49,26 +57,11 @@ def forward_with_edits(
       model: the subject model (its family says where the blocks are).
       params: its parameter tree (an argument, so this runs inside your own `jax.jit`).
       input_ids_bt: int token ids `[batch, tokens]`.
-      edits: layer index l (0 .. L-1) -> `edit(h_btd) -> h_btd`, applied to block l's output.
+      edits: layer index l (0 .. L-1) -> an `Edit` of block l's output, or a `BlockEdit`, which
+        also receives the block's input (`hidden_lbtd[l]` of the edited run).
     Returns:
       the `Forward` of the edited run: `hidden_lbtd[l + 1]` is the edited output of block l (the
       last entry final-normed as always), and later layers and the logits follow from it.
-    """
-    block_edits = {layer: _on_output(edit) for layer, edit in edits.items()}
-    return forward_with_block_edits(model, params, input_ids_bt, block_edits)
-
-
-def forward_with_block_edits(
-    model: SubjectModel, params, input_ids_bt: jax.Array, edits: Mapping[int, BlockEdit]
-) -> Forward:
-    """Like `forward_with_edits`, but each edit also receives the block's input.
-
-    Args:
-      model, params, input_ids_bt: as for `forward_with_edits`.
-      edits: layer index l -> `edit(h_in_btd, h_out_btd) -> h_btd`: block l's input (the
-        residual stream it reads, `hidden_lbtd[l]` of the edited run) and its output.
-    Returns:
-      the `Forward` of the edited run.
     """
     edits = check_layers(model, edits)
     blocks = model.family.blocks
@@ -81,10 +74,13 @@ def forward_with_block_edits(
         out = next_fun(*args, **kwargs)
         if layer not in edits:
             return out
-        h_in_btd = args[0] if args else kwargs["hidden_states"]
         # transformers' blocks return a tuple whose first entry is the stream; native ones, it.
         h_out_btd = out[0] if isinstance(out, tuple) else out
-        h_btd = edits[layer](h_in_btd, h_out_btd)
+        edit = edits[layer]
+        if isinstance(edit, BlockEdit):
+            h_btd = edit.fn(args[0] if args else kwargs["hidden_states"], h_out_btd)
+        else:
+            h_btd = edit(h_out_btd)
         if h_btd.shape != h_out_btd.shape:
             raise ValueError(
                 f"The edit of layer {layer} returned shape {h_btd.shape}; it must return the "
@@ -120,7 +116,3 @@ def check_layer(model: SubjectModel, layer) -> int:
             f"use layer indices 0 .. {model.num_layers - 1}."
         )
     return index
-
-
-def _on_output(edit: Edit) -> BlockEdit:
-    return lambda h_in_btd, h_out_btd: edit(h_out_btd)
