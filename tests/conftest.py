@@ -79,6 +79,20 @@ def gpt2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gpt_neox(tmp_path_factory):
+    """A tiny random GPT-NeoX (a native family) in PyTorch and in jaxlens (same weights), with
+    random token ids."""
+    import numpy as np
+
+    from jaxlens.models import load_model
+
+    torch_model = tiny_models.build("gpt_neox", seed=12)
+    model = load_model(tiny_models.save(torch_model, tmp_path_factory.mktemp("gpt_neox")))
+    ids = np.random.default_rng(1).integers(0, model.vocab_size, size=(4, 10)).astype(np.int32)
+    return torch_model, model, ids
+
+
+@pytest.fixture(scope="session")
 def trained_workdir(tiny_lm, text_dir, tmp_path_factory):
     """A real 4-step training workdir of the tiny Llama (checkpoints, config, metrics)."""
     from configs import tiny

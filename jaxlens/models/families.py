@@ -29,6 +29,8 @@ class Family:
       norm_scale_name: parameter name of the norm's scale ("scale" for LayerNorm, "weight" else).
       embedding: path of the input embedding `[vocab, d]`, used when embeddings are tied.
       lm_head: path of the untied output projection, or None when the family always ties.
+      blocks: path of the block collection, whose children "0" .. "L-1" are the blocks (in the
+        parameter tree and as Flax module paths).
       eps_attr: config attribute holding the final norm's epsilon (None: the fixed value `eps`).
       eps: the epsilon when the config has no attribute for it.
       takes_position_ids: whether the Flax module accepts `position_ids` (ALiBi models do not).
@@ -43,6 +45,7 @@ class Family:
     norm_scale_name: str
     embedding: tuple[str, ...]
     lm_head: tuple[str, ...] | None
+    blocks: tuple[str, ...]
     eps_attr: str | None
     eps: float = 1e-5
     takes_position_ids: bool = True
@@ -70,6 +73,7 @@ def _gpt_style(name, flax_class, embedding="wte", lm_head=None, positions="n_pos
         norm_scale_name="scale",
         embedding=("transformer", embedding, "embedding"),
         lm_head=lm_head,
+        blocks=("transformer", "h"),
         eps_attr="layer_norm_epsilon",
         max_positions_attr=positions,
     )
@@ -84,6 +88,7 @@ def _llama_style(name, flax_class, norm_kind="rmsnorm", **fields):
         norm_scale_name="weight",
         embedding=("model", "embed_tokens", "embedding"),
         lm_head=("lm_head",),
+        blocks=("model", "layers"),
         eps_attr="rms_norm_eps",
         **fields,
     )
@@ -105,6 +110,7 @@ FAMILIES: dict[str, Family] = {
             norm_scale_name="scale",
             embedding=("model", "decoder", "embed_tokens", "embedding"),
             lm_head=None,
+            blocks=("model", "decoder", "layers"),
             eps_attr=None,  # OPT's final LayerNorm uses the PyTorch default, 1e-5
         ),
         dataclasses.replace(
@@ -123,6 +129,7 @@ FAMILIES: dict[str, Family] = {
             norm_scale_name="scale",
             embedding=("gpt_neox", "embed_in", "embedding"),
             lm_head=("embed_out",),
+            blocks=("gpt_neox", "layers"),
             eps_attr="layer_norm_eps",
         ),
         _llama_style("qwen2", native.NativeDecoderLM),

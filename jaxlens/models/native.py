@@ -181,13 +181,16 @@ class NativeDecoderLM:
       base_model_prefix: the PyTorch name of the base model ("model", "gpt_neox").
     """
 
-    def __init__(self, config, dtype=jnp.float32, _do_init: bool = False):
+    def __init__(
+        self, config, dtype=jnp.float32, _do_init: bool = False, spec: DecoderSpec | None = None
+    ):
         """Builds the module for `config`; `_do_init` is accepted for transformers' signature,
-        but parameters are never initialised here: they come from a checkpoint."""
+        but parameters are never initialised here: they come from a checkpoint. `spec` replaces
+        the one built from the config (layer surgery reorders its layers)."""
         del _do_init
         self.config = config
         self.dtype = dtype
-        self.spec = specs.spec_of(config)
+        self.spec = specs.spec_of(config) if spec is None else spec
         self.base_model_prefix = self.spec.base_name
         self.module = DecoderLM(self.spec, dtype=dtype)
         ids = jnp.zeros((1, 1), jnp.int32)
