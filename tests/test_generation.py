@@ -114,3 +114,10 @@ def test_bad_input_is_refused(gpt2, kwargs, message):
     args = dict(layer=LAYER, max_new_tokens=NEW) | kwargs
     with pytest.raises(ValueError, match=message):
         generate(model, lens, _prompt(model), **args)
+
+
+def test_a_lens_of_another_depth_is_refused(gpt2):
+    model = gpt2[1]
+    lens = TunedLens.untrained(model.decoder(), model.num_layers - 1)
+    with pytest.raises(ValueError, match="The lens has 2 translators but the model 3 blocks"):
+        generate(model, lens, _prompt(model), LAYER, NEW)

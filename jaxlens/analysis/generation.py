@@ -74,11 +74,11 @@ def generate(
     Returns:
       `Generation(tokens_bt, logits_bnv)`.
     Raises:
-      ValueError: for a layer out of range, n < 1 or beyond the positions, a negative
-        temperature, or sampling without a key.
+      ValueError: for a lens of another depth, a layer out of range, n < 1 or beyond the
+        positions, a negative temperature, or sampling without a key.
     """
     ids_bt = model.check_input_ids(input_ids)
-    _check(model, ids_bt.shape[1], layer, max_new_tokens, temperature, key)
+    _check(model, lens, ids_bt.shape[1], layer, max_new_tokens, temperature, key)
     tokens_bn, logits_bnv = _decode(
         model,
         model.params if params is None else params,
@@ -93,8 +93,14 @@ def generate(
     return Generation(jnp.concatenate([ids_bt, tokens_bn], axis=1), logits_bnv)
 
 
-def _check(model, prompt: int, layer, max_new_tokens, temperature, key) -> None:
+def _check(model, lens, prompt: int, layer, max_new_tokens, temperature, key) -> None:
     num_layers = model.num_layers
+    lens_layers = getattr(lens, "num_layers", num_layers)  # a logit lens decodes any layer
+    if lens_layers != num_layers:
+        raise ValueError(
+            f"The lens has {lens_layers} translators but the model {num_layers} blocks; use a "
+            "lens trained for this model."
+        )
     if not 0 <= layer < num_layers:
         raise ValueError(
             f"layer {layer} is out of range for a lens of {num_layers} layers; pick a layer in "
