@@ -66,12 +66,23 @@ class Decoder:
             h = centred * jax.lax.rsqrt((centred**2).mean(-1, keepdims=True) + self.eps)
         elif self.norm_kind in ("rmsnorm", "gemma_rmsnorm"):
             h = h / jnp.sqrt((h**2).mean(-1, keepdims=True) + self.eps)
+        gain_d, bias_d = self.norm_affine()
+        if gain_d is not None:
+            h = h * gain_d
+        if bias_d is not None:
+            h = h + bias_d
+        return h
+
+    def norm_affine(self) -> tuple[jax.Array | None, jax.Array | None]:
+        """The final norm's elementwise affine part `x * gain + bias`, float32 (None: absent):
+        the gain is the scale, or `1 + scale` for Gemma's norm."""
+        gain_d = bias_d = None
         if self.norm_scale_d is not None:
             scale = self.norm_scale_d.astype(jnp.float32)
-            h = h * (1.0 + scale if self.norm_kind == "gemma_rmsnorm" else scale)
+            gain_d = 1.0 + scale if self.norm_kind == "gemma_rmsnorm" else scale
         if self.norm_bias_d is not None:
-            h = h + self.norm_bias_d.astype(jnp.float32)
-        return h
+            bias_d = self.norm_bias_d.astype(jnp.float32)
+        return gain_d, bias_d
 
     def unembed(self, h_d: jax.Array) -> jax.Array:
         """Maps normalised vectors to logits with float32 accumulation (soft-capped if the

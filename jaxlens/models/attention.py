@@ -14,6 +14,13 @@ One `Attention` module covers every family; what differs is data in the `Decoder
 Scores are computed in the inputs' dtype and soft-maxed in float32, as transformers' eager
 attention does. A sliding window w lets query i see keys j with i - w < j <= i (transformers'
 `sliding_window_overlay`).
+
+Key-value cache (for generation): called with `cache_offset`, the attention keeps its keys and
+values in the Flax collection "cache" (`key`, `value`: `[b, S, k, e]`, S the cache length),
+writes this call's t positions at `cache_offset` and attends over all S slots; the mask (from
+`causal_mask(..., offset=cache_offset)`) hides the slots not yet written. Without
+`cache_offset` nothing changes. The cache is created, empty, by the module's `init` with
+`init_cache=True` on ids of the cache's length, as transformers' Flax models do.
 """
 
 from __future__ import annotations
@@ -31,15 +38,28 @@ def dense(features: int, name: str | None, dtype, use_bias: bool = True) -> nn.D
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name)
 
 
-def causal_mask(attention_mask_bt: jax.Array, sliding_window: int | None = None) -> jax.Array:
-    """Boolean `[b, t, s]`: query t may see key s (causal, within the window, not padding)."""
-    tokens = attention_mask_bt.shape[1]
-    i = jnp.arange(tokens)[:, None]
-    j = jnp.arange(tokens)[None, :]
+def causal_mask(
+    attention_mask_bs: jax.Array,
+    sliding_window: int | None = None,
+    tokens: int | None = None,
+    offset: int | jax.Array = 0,
+) -> jax.Array:
+    """Boolean `[b, t, s]`: query t may see key s (causal, within the window, not padding).
+
+    Args:
+      attention_mask_bs: `[b, s]`, 0 at padding keys.
+      sliding_window: the window w, or None.
+      tokens: the number of queries t (default: s, no cache).
+      offset: the position of the first query (with a cache: the positions already cached), so
+        that query i sits at `offset + i`; keys at or beyond `offset + t` are hidden.
+    """
+    keys = attention_mask_bs.shape[1]
+    i = offset + jnp.arange(keys if tokens is None else tokens)[:, None]
+    j = jnp.arange(keys)[None, :]
     allowed_ts = j <= i
     if sliding_window:
         allowed_ts &= i - j < sliding_window
-    return allowed_ts[None] & attention_mask_bt[:, None, :].astype(bool)
+    return allowed_ts[None] & attention_mask_bs[:, None, :].astype(bool)
 
 
 def attend(
@@ -91,8 +111,12 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd, mask_bts, rotary_tables):
-        """Attention output `[b, t, d]`; `rotary_tables` is `(cos, sin)` or None (no RoPE)."""
+    def __call__(self, x_btd, mask_bts, rotary_tables, cache_offset=None):
+        """Attention output `[b, t, d]`; `rotary_tables` is `(cos, sin)` or None (no RoPE).
+
+        With `cache_offset` (an int scalar), keys and values go through the cache (see the
+        module docstring) and `mask_bts` is `[b, t, S]` over the cache's S slots.
+        """
         q_bthe, k_bske, v_bske = self._project(x_btd)
         spec = self.spec
         if spec.qk_norm == "per_head":
@@ -101,12 +125,25 @@ class Attention(nn.Module):
         if rotary_tables is not None:
             q_bthe = rotary.apply_rotary(q_bthe, *rotary_tables)
             k_bske = rotary.apply_rotary(k_bske, *rotary_tables)
+        if cache_offset is not None:
+            k_bske, v_bske = self._through_cache(k_bske, v_bske, cache_offset)
         sinks_h = None
         if spec.attn_sinks:
             sinks_h = self.param("sinks", nn.initializers.zeros, (spec.num_heads,), self.dtype)
         scale, softcap = spec.attn_scale, spec.attn_softcap
         out = attend(q_bthe, k_bske, v_bske, mask_bts, scale, softcap, sinks_h)
         return dense(spec.hidden_size, spec.out_proj_name, self.dtype, spec.out_bias)(out)
+
+    def _through_cache(self, k_bske, v_bske, offset):
+        """Writes this call's keys and values into the cache at `offset`; returns all S slots."""
+        cached_k = self.variable("cache", "key", jnp.zeros, k_bske.shape, k_bske.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, v_bske.shape, v_bske.dtype)
+        if self.is_initializing():  # creating the empty cache: its length is this call's t
+            return k_bske, v_bske
+        start = (0, offset, 0, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_bske, start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_bske, start)
+        return cached_k.value, cached_v.value
 
     def _norm(self, features, name):
         return norms.make_norm(self.spec.norm_kind, features, self.spec.norm_eps, self.dtype, name)

@@ -10,7 +10,8 @@ upstream. Found with real weights:
 * Llama and Mistral always build a separate `lm_head`, so a checkpoint with tied embeddings gets a
   random unembedding (only a log line says so);
 * every layer builds a `[max_positions, max_positions]` causal mask up front (64M entries per layer
-  for an 8k-context model), and Mistral's sliding window lets a token see one position too many.
+  for an 8k-context model), and Mistral's sliding window lets a token see one position too many;
+  we build only the part in use (with a key-value cache: the cache's positions).
 
 We fix them here by subclassing, without touching the installed package: only `setup` methods are
 replaced (plus the head's `__call__` for tied embeddings), so the forward computation is still
@@ -61,8 +62,12 @@ class LazyCausalMask:
 
     def __getitem__(self, index):
         _, _, rows, cols = index
-        i = jnp.arange(rows.stop)[:, None]
-        j = jnp.arange(cols.stop)[None, :]
+        return self.dense(rows.stop, cols.stop)
+
+    def dense(self, rows: int, cols: int) -> jax.Array:
+        """The mask's first `rows` queries and `cols` keys, `[1, 1, rows, cols]`."""
+        i = jnp.arange(rows)[:, None]
+        j = jnp.arange(cols)[None, :]
         allowed = j <= i
         if self.sliding_window:
             allowed &= i - j < self.sliding_window
@@ -88,6 +93,11 @@ def _attention_setup(self):
     self.v_proj = dense(self.num_key_value_heads * self.head_dim)
     self.o_proj = dense(config.hidden_size)
     self.causal_mask = LazyCausalMask(getattr(config, "sliding_window", None))
+    if self.has_variable("cache", "cached_key"):
+        # With a key-value cache transformers `lax.dynamic_slice`s the mask, which needs an
+        # array: the `[S, S]` one of the cache's S positions (not of the model's context).
+        length = self.variables["cache"]["cached_key"].shape[1]
+        self.causal_mask = self.causal_mask.dense(length, length)
     self.rotary_emb = RotaryEmbedding(config, dtype=self.dtype)
 
 

@@ -20,6 +20,11 @@ GPT-OSS (`moe.RoutedExperts`, named after the family's sparse block, e.g. Mixtra
 "block_sparse_moe"; its sizes and routing in `DecoderSpec.moe`, filled in with each layer's kind
 by the family's builder in `specs`: Qwen3-MoE may mix dense and sparse layers).
 
+Generation: `DecoderLM(..., init_cache=True)` under `init` creates an empty key-value cache (the
+Flax collection "cache", the protocol of transformers' Flax models); applied with that collection
+mutable, each call writes its positions into the cache after those already there (the stack's
+`cache/<base>/index`) and attends to all of them, so a decoding step feeds only its new token.
+
 Axis letters: b batch, t (and s) token position, d model width, h query heads, k key/value heads,
 g query heads per key/value head, e head width, r rotary width, v vocabulary.
 """
@@ -63,13 +68,15 @@ class Block(nn.Module):
         return norms.make_norm(spec.norm_kind, spec.hidden_size, spec.norm_eps, self.dtype, name)(x)
 
     @nn.compact
-    def __call__(self, h_btd, mask_bts, rotary_tables):
+    def __call__(self, h_btd, mask_bts, rotary_tables, cache_offset=None):
         spec, names = self.spec, self.spec.norms
         attend = attention.Attention(
             spec, self.layer.sliding_window, dtype=self.dtype, name=spec.attention_name
         )
         feed_forward = mlp.mlp_module(spec, self.layer, self.dtype)
-        attn_btd = attend(self._norm(names.pre_attention, h_btd), mask_bts, rotary_tables)
+        attn_btd = attend(
+            self._norm(names.pre_attention, h_btd), mask_bts, rotary_tables, cache_offset
+        )
         attn_btd = self._norm(names.post_attention, attn_btd)
         if spec.parallel_residual:
             mlp_btd = feed_forward(self._norm(names.pre_mlp, h_btd))
@@ -80,19 +87,20 @@ class Block(nn.Module):
 
 
 class Layers(nn.Module):
-    """The blocks; `masks` and `tables` hold each layer's mask and rotary tables (or None)."""
+    """The blocks; `masks` and `tables` hold each layer's mask and rotary tables (or None);
+    `cache_offset` as in `attention.Attention`."""
 
     spec: DecoderSpec
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, h_btd, masks, tables):
+    def __call__(self, h_btd, masks, tables, cache_offset=None):
         """Returns the last block's output and every block's input (L arrays `[b, t, d]`)."""
         inputs = []
         for i, layer in enumerate(self.spec.layers):
             inputs.append(h_btd)
             block = Block(self.spec, layer, dtype=self.dtype, name=str(i))
-            h_btd = block(h_btd, masks[i], tables[i])
+            h_btd = block(h_btd, masks[i], tables[i], cache_offset)
         return h_btd, inputs
 
 
@@ -103,9 +111,12 @@ class DecoderStack(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids_bt, attention_mask_bt, position_ids_bt):
+    def __call__(self, input_ids_bt, attention_mask_bs, position_ids_bt, init_cache=False):
         """Returns the final-normed output `[b, t, d]`, the L + 1 hidden states and the
-        embedding matrix `[v, d]` (the unembedding when tied)."""
+        embedding matrix `[v, d]` (the unembedding when tied).
+
+        `attention_mask_bs` covers the keys: the t tokens, or with a cache its S slots.
+        """
         spec, dtype = self.spec, self.dtype
         embed = nn.Embed(
             spec.vocab_size, spec.hidden_size, dtype=dtype, param_dtype=dtype, name=spec.embed_name
@@ -113,19 +124,36 @@ class DecoderStack(nn.Module):
         h_btd = embed(input_ids_bt)
         if spec.embed_scale:  # Gemma: sqrt(d), rounded to the model's dtype as in PyTorch
             h_btd = h_btd * jnp.asarray(spec.hidden_size**0.5, dtype)
-        tokens = input_ids_bt.shape[1]
-        masks = {w: attention.causal_mask(attention_mask_bt, w) for w in spec.windows}
-        tables = {r: rotary.rotary_tables(position_ids_bt, r, tokens) for r in spec.ropes}
+        tokens, keys = input_ids_bt.shape[1], attention_mask_bs.shape[1]
+        offset = self._cache_offset(tokens, init_cache)
+        masks = {
+            w: attention.causal_mask(attention_mask_bs, w, tokens, 0 if offset is None else offset)
+            for w in spec.windows
+        }
+        # The sequence length (LongRoPE's choice of factors) is the keys' count: with a cache,
+        # the cache length, fixed for the whole generation.
+        tables = {r: rotary.rotary_tables(position_ids_bt, r, keys) for r in spec.ropes}
         h_btd, inputs = Layers(spec, dtype=dtype, name="layers")(
             h_btd,
             [masks[layer.sliding_window] for layer in spec.layers],
             [None if layer.rope is None else tables[layer.rope] for layer in spec.layers],
+            offset,
         )
         final_norm = norms.make_norm(
             spec.norm_kind, spec.hidden_size, spec.norm_eps, dtype, spec.final_norm_name
         )
         out_btd = final_norm(h_btd)
         return out_btd, (*inputs, out_btd), embed.embedding
+
+    def _cache_offset(self, tokens: int, init_cache: bool):
+        """With a cache: the positions already in it (then counts this call's); None without."""
+        if not (init_cache or self.has_variable("cache", "index")):
+            return None
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        offset = index.value
+        if not self.is_initializing():
+            index.value = offset + tokens
+        return offset
 
 
 class DecoderLM(nn.Module):
@@ -142,15 +170,18 @@ class DecoderLM(nn.Module):
         position_ids=None,
         output_hidden_states: bool = False,
         return_dict: bool = True,
+        init_cache: bool = False,
     ) -> CausalLMOutput:
         """Logits of token ids `[b, t]` (and the L + 1 hidden states when asked for).
 
         Args:
           input_ids: int `[b, t]`.
-          attention_mask: `[b, t]`, 0 at padding keys (default: all ones).
+          attention_mask: `[b, t]`, 0 at padding keys (default: all ones); with a cache `[b, S]`
+            over its S slots (required then).
           position_ids: `[b, t]` (default: 0 .. t-1).
           output_hidden_states: also return the hidden states.
           return_dict: accepted for transformers' signature; the output is a `CausalLMOutput`.
+          init_cache: under `init`, create the empty key-value cache (see the module docstring).
         Returns:
           `CausalLMOutput(logits [b, t, v], hidden_states or None)`.
         """
@@ -162,7 +193,7 @@ class DecoderLM(nn.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
         base = DecoderStack(spec, dtype=self.dtype, name=spec.base_name)
-        out_btd, hidden, embedding_vd = base(input_ids, attention_mask, position_ids)
+        out_btd, hidden, embedding_vd = base(input_ids, attention_mask, position_ids, init_cache)
         if spec.tie_embeddings:
             logits = jnp.dot(out_btd, embedding_vd.T.astype(out_btd.dtype))
         else:
