@@ -1,10 +1,10 @@
 """Held-out evaluation of a tuned lens against the logit lens, per layer, sharded like training.
 
 For each layer and each lens: KL(model output || lens) and next-token cross-entropy, averaged
-over tokens, plus the model's own cross-entropy as a baseline (`metrics.layer_metrics`).
-Cross-entropies are reported in bits per byte (tuned-lens's unit, via the corpus's
-`nats_to_bpb`); KL in nats and in bits per byte. Batches are split over the mesh's "data" axis,
-the bank over "model", as in training. `evaluate_lens` is the whole evaluation job that
+over tokens, plus the model's own cross-entropy as a baseline (`metrics.lenses_metrics`: both
+lenses in one pass). Cross-entropies are reported in bits per byte (tuned-lens's unit, via the
+corpus's `nats_to_bpb`); KL in nats and in bits per byte. Batches are split over the mesh's
+"data" axis, the bank over "model", as in training. `evaluate_lens` is the whole evaluation job that
 `python -m jaxlens.evaluate` runs; the result's formats live in `eval_report`.
 """
 
@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlens import eval_report, job, lens_io
 from jaxlens.lens import Translators
-from jaxlens.metrics import layer_metrics, transfer_metrics
+from jaxlens.metrics import lenses_metrics, transfer_metrics
 from jaxlens.models import SubjectModel
 from jaxlens.sharding import (
     bank_shardings,
@@ -38,10 +38,10 @@ def make_eval_step(model: SubjectModel, *, chunk_tokens: int = 128, layer_transf
         hidden = model.apply(model_params, ids_bt).hidden_lbtd
         decoder = model.decoder(model_params)
         metrics = {}
-        for name, bank in (("logit", None), ("tuned", translators)):
-            per_layer = layer_metrics(
-                decoder, bank, hidden[:-1], hidden[-1], ids_bt, chunk_tokens=chunk_tokens
-            )
+        per_lens = lenses_metrics(
+            decoder, (None, translators), hidden[:-1], hidden[-1], ids_bt, chunk_tokens=chunk_tokens
+        )
+        for name, per_layer in zip(("logit", "tuned"), per_lens, strict=True):
             metrics.update({f"{name}/{k}": v for k, v in per_layer.items()})
         if layer_transfer:  # translator i on layer j, for the tuned lens (trivial for logit)
             transfer = transfer_metrics(
