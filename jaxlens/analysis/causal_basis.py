@@ -82,7 +82,8 @@ def extract_causal_bases(
       key: for "resample": draws one derangement per layer.
       init_ldk: `[len(layers), d, k]` starting directions (column j starts direction j).
       max_iter: L-BFGS iterations at most, per direction.
-      tolerance: L-BFGS stops once the gradient's norm is below this.
+      tolerance: L-BFGS stops once the gradient's norm is below this (times the energy, for
+        energies above 1).
       layers_per_batch: how many layers are fitted at once under `vmap` (default: all); lower it
         when `layers_per_batch * b * t * vocab` float32 logits (a few copies) do not fit.
     Returns:
@@ -237,7 +238,9 @@ def _lbfgs_maximise(objective, v0_d, max_iter, tolerance):
         _, state = carry
         count = optax.tree.get(state, "count")
         grad_norm = optax.tree.norm(optax.tree.get(state, "grad"))
-        return (count == 0) | ((count < max_iter) & (grad_norm >= tolerance))
+        # Relative to energies above 1 nat: float32 cannot resolve their gradients to 1e-6.
+        scale = jnp.maximum(1.0, jnp.abs(optax.tree.get(state, "value")))
+        return (count == 0) | ((count < max_iter) & (grad_norm >= tolerance * scale))
 
     v_d, _ = jax.lax.while_loop(unfinished, step, (v0_d, solver.init(v0_d)))
     return v_d
