@@ -14,7 +14,13 @@ NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 
 def test_there_are_notebooks():
     names = {p.stem for p in NOTEBOOKS}
-    assert {"quickstart", "trajectories", "export_to_pytorch", "explore"} <= names
+    assert {
+        "quickstart",
+        "trajectories",
+        "export_to_pytorch",
+        "explore",
+        "causal_fidelity",
+    } <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -111,3 +117,14 @@ def test_install_cells_and_colab_badges_name_the_published_repository():
         badge = f"colab.research.google.com/github/{owner_name}/blob/main/colab/{path.name}"
         assert badge in readme, path.name
     assert not re.findall(r"colab\.research\.google\.com/github/(?!" + owner_name + ")", readme)
+
+
+def test_causal_fidelity_ablates_the_lens_basis_in_the_model(
+    notebook_env, trained_workdir, monkeypatch, tmp_path
+):
+    env = {**notebook_env, "JAXLENS_NOTEBOOK_LENS": str(trained_workdir)}
+    notebook = _run("causal_fidelity", env, monkeypatch, tmp_path)
+    text = _text(notebook)
+    assert "TunedLens" in text  # the trained lens, not the logit lens it falls back to
+    assert "Spearman correlation of lens and model responses over 16 directions" in text
+    assert (tmp_path / "causal_fidelity.png").is_file()
