@@ -135,9 +135,29 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def torch_smollm2(smollm2_path):
-    """The same checkpoint loaded by transformers into a PyTorch Llama (the reference)."""
+    """The same checkpoint loaded by transformers into a PyTorch Llama (the reference).
+
+    transformers dequantizes the GGUF file in about 20 s; its result is saved once, per
+    transformers version, as a safetensors checkpoint beside the file, so later sessions (and the
+    other pytest workers) load transformers' own output in a second. Written to a temporary
+    directory and renamed, so concurrent workers never read half a checkpoint.
+    """
+    import os
+    import tempfile
+
     import torch
 
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
-    ).eval()
+    saved = smollm2_path.parent / f"{smollm2_path.stem}.transformers-{transformers.__version__}"
+    if not (saved / "config.json").is_file():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+        )
+        staging = tempfile.mkdtemp(dir=smollm2_path.parent, prefix=".staging-")
+        model.save_pretrained(staging, safe_serialization=True)
+        try:
+            os.rename(staging, saved)
+        except OSError:  # another worker got there first: its copy is the same
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    return transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
