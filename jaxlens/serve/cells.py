@@ -4,10 +4,11 @@ lens distribution reduced to a handful of numbers on the device.
 A cell is one (layer, position). For the page we never need the `[L + 1, T, V]` log-probabilities
 on the host (at 64 tokens of SmolLM2 they are 390 MB), only per cell: the entropy, the next-token
 cross-entropy, KL(model output || lens), the rank of the next token, the top probability, and the
-top-k tokens with their probabilities. `lens_cells` computes them layer by layer in a `lax.scan`
-(so the largest array is one layer's `[T, V]` logits) with the library's own pieces: the lens's
-`layer_logits` and `metrics.softmax_stats`. The model's own output is the last row, as in
-`trajectory_lib.PredictionTrajectory`, whose float64 host statistics these match.
+top-k tokens with their probabilities. `lens_cells` computes them a few layers at a time in a
+`lax.scan` (`layers_per_matmul`: about `MATMUL_ROWS` rows of `[rows, V]` logits at once) with
+the library's own pieces: the lens's translators and decoder, and `metrics.softmax_stats`. The
+model's own output is the last row, as in `trajectory_lib.PredictionTrajectory`, whose float64
+host statistics these match.
 
 The logit lens is passed as an untrained `TunedLens` (zero translators: exactly the logit lens,
 see `lens.py`), so both lenses share one compiled program per sequence length. Callers pad the
@@ -28,6 +29,9 @@ from jaxlens.lens import TunedLens
 from jaxlens.metrics import softmax_stats
 
 TOP_K_BLOCK = 128  # vocabulary entries per block in the exact two-stage top-k below
+# Rows per unembedding matmul: layers are decoded a few at a time, so that each [rows, V] matmul
+# is tall enough to run near the CPU's peak (one layer of a 64-token text is 64 rows).
+MATMUL_ROWS = 1024
 
 
 class Cells(NamedTuple):
@@ -77,22 +81,33 @@ def top_k(z_tv: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return values, ids.astype(jnp.int32)
 
 
-def _cell_numbers(z_tv, targets_t, p_tv, neg_entropy_p_t, k):
-    """The `Cells` fields of one row of logits (KL against the model's p)."""
-    stats = softmax_stats(z_tv, targets_t, p_tv)
-    target_t = jnp.take_along_axis(z_tv, targets_t[:, None], axis=-1)
-    rank_t = (z_tv > target_t).sum(-1, dtype=jnp.int32)
-    top_values_tk, top_ids_tk = top_k(z_tv, k)
+def _cell_numbers(z_gtv, targets_t, p_tv, neg_entropy_p_t, k):
+    """The `Cells` fields of rows of logits `[g, T, V]` (KL against the model's p `[T, V]`)."""
+    stats = softmax_stats(z_gtv, targets_t, p_tv)
+    target_gt1 = jnp.take_along_axis(
+        z_gtv, jnp.broadcast_to(targets_t, z_gtv.shape[:-1])[..., None], axis=-1
+    )
+    rank_gt = (z_gtv > target_gt1).sum(-1, dtype=jnp.int32)
+    top_values, top_ids = top_k(z_gtv.reshape(-1, z_gtv.shape[-1]), k)
+    rows = z_gtv.shape[:-1] + (k,)
+    top_values_gtk, top_ids_gtk = top_values.reshape(rows), top_ids.reshape(rows)
     return (
         stats.entropy,
         stats.ce,
         # KL >= 0; rounding leaves the output row's KL to itself a hair below zero.
         jnp.maximum(neg_entropy_p_t - stats.cross, 0.0),
-        rank_t,
+        rank_gt,
         jnp.exp(-stats.log_total),  # the top token's logit is the peak
-        top_ids_tk,
-        jnp.exp((top_values_tk - stats.peak[:, None]) - stats.log_total[:, None]),
+        top_ids_gtk,
+        jnp.exp((top_values_gtk - stats.peak[..., None]) - stats.log_total[..., None]),
     )
+
+
+def layers_per_matmul(num_layers: int, tokens: int, rows: int = MATMUL_ROWS) -> int:
+    """How many layers share one unembedding matmul: the largest divisor of `num_layers` whose
+    `layers * tokens` rows stay within `rows` (at least 1)."""
+    fits = max(1, rows // tokens)
+    return max(g for g in range(1, num_layers + 1) if num_layers % g == 0 and g <= fits)
 
 
 @functools.partial(jax.jit, static_argnames=("apply", "k"))
@@ -117,12 +132,19 @@ def lens_cells(apply, params, lens: TunedLens, ids_bt: jax.Array, *, k: int) -> 
     p_tv = jnp.exp(model.log_probs(model_z_tv))  # the model's own distribution
     neg_entropy_p_t = -model.entropy
 
-    def one_layer(_, layer_xs):
-        h_td, layer = layer_xs
-        z_tv = lens.layer_logits(h_td, layer)
-        return None, _cell_numbers(z_tv, targets_t, p_tv, neg_entropy_p_t, k)
+    def layer_group(_, group_xs):  # g layers, decoded by one [g * T, d] x [d, V] matmul
+        h_gtd, layers_g = group_xs
+        z_gtv = lens.decoder(jax.vmap(lens.transform_hidden)(h_gtd, layers_g))
+        return None, _cell_numbers(z_gtv, targets_t, p_tv, neg_entropy_p_t, k)
 
-    layers = jnp.arange(h_ltd.shape[0])
-    _, rows = jax.lax.scan(one_layer, None, (h_ltd, layers))
-    output_row = _cell_numbers(model_z_tv, targets_t, p_tv, neg_entropy_p_t, k)
-    return Cells(*(jnp.concatenate([r, o[None]]) for r, o in zip(rows, output_row, strict=True)))
+    num_layers, tokens, d = h_ltd.shape
+    g = layers_per_matmul(num_layers, tokens)
+    layers_ng = jnp.arange(num_layers).reshape(-1, g)
+    _, rows = jax.lax.scan(layer_group, None, (h_ltd.reshape(-1, g, tokens, d), layers_ng))
+    output_row = _cell_numbers(model_z_tv[None], targets_t, p_tv, neg_entropy_p_t, k)
+    return Cells(
+        *(
+            jnp.concatenate([r.reshape((num_layers,) + r.shape[2:]), o])
+            for r, o in zip(rows, output_row, strict=True)
+        )
+    )
