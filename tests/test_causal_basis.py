@@ -183,6 +183,21 @@ def test_resample_bases_match_tuned_lens_with_the_same_derangements(setup):
     assert_same_maxima(lens, hidden_lbtd, got, want, mode="resample", perms_ln=perms_ln)
 
 
+def test_layers_per_batch_does_not_change_the_bases(setup):
+    """All 3 layers at once (the default) and 2 at a time (which does not divide 3: `lax.map`
+    fits layers 0 and 1 under `vmap`, then layer 2 alone) give the same bases. The layers' fits
+    are independent; only how XLA batches their arithmetic differs (vmapped L-BFGS loops run
+    until every layer in the batch is done, holding the finished ones), so energies agree to
+    1e-6 and directions to |cos| > 0.9999. One direction per layer: a second one's energy would
+    move to first order with the first's rounding-level differences (see the zero-mode test)."""
+    lens, _, hidden_lbtd, _ = setup
+    default = extract_causal_bases(lens, hidden_lbtd[:-1], 1)
+    got = extract_causal_bases(lens, hidden_lbtd[:-1], 1, layers_per_batch=2)
+    np.testing.assert_allclose(got.energies_lk, default.energies_lk, rtol=1e-6, atol=1e-6)
+    cos_lk = np.abs((np.asarray(got.vectors_ldk) * np.asarray(default.vectors_ldk)).sum(1))
+    assert (cos_lk > 0.9999).all(), cos_lk
+
+
 def test_a_planted_direction_comes_first(setup):
     """A lens that reads h almost only through h . e (translator `3 e e^T - I` plus 1% noise),
     on hidden states that vary only along e (plus 1% noise): removing e erases the prediction's
