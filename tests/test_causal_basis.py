@@ -257,3 +257,6 @@ def test_bad_input_is_refused(setup):
         extract_causal_bases(lens, h_lbtd, 1, mode="resample")
     with pytest.raises(ValueError, match="Unknown ablation mode"):
         extract_causal_bases(lens, h_lbtd, 1, mode="shuffle")
+    for count in (0, -1):
+        with pytest.raises(ValueError, match="pass a positive count, or None"):
+            extract_causal_bases(lens, h_lbtd, 1, layers_per_batch=count)

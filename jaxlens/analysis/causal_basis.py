@@ -95,6 +95,10 @@ def extract_causal_bases(
         raise ValueError(f"k={k} directions do not fit in d={d} dimensions; pass 1 <= k <= {d}.")
     if mode not in MODES:
         raise ValueError(f"Unknown ablation mode {mode!r}; use one of {MODES}.")
+    if layers_per_batch is not None and layers_per_batch < 1:
+        raise ValueError(
+            f"layers_per_batch={layers_per_batch}; pass a positive count, or None for all layers."
+        )
     if labels_bt is not None and labels_bt.shape != hidden_lbtd.shape[1:3]:
         raise ValueError(
             f"labels_bt has shape {labels_bt.shape} but the hidden states hold "
@@ -126,7 +130,7 @@ def extract_causal_bases(
         mode=mode,
         max_iter=max_iter,
         tolerance=tolerance,
-        layers_per_batch=layers_per_batch or len(layers),
+        layers_per_batch=layers_per_batch or len(layers),  # None: all
     )
 
 
