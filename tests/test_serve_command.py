@@ -35,6 +35,33 @@ def test_a_missing_lens_is_bad_input(tiny_lm):
     assert result.status == 2 and "No lens directory at /no/such/lens" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "choice, backend, flags, expected",
+    [
+        ("auto", "cpu", {"avx2", "fma"}, "float32"),  # bfloat16 emulated: slower than float32
+        ("auto", "cpu", {"avx512f", "avx512_bf16"}, "bfloat16"),
+        ("auto", "cpu", {"amx_tile", "amx_bf16"}, "bfloat16"),
+        ("auto", "gpu", set(), "bfloat16"),
+        ("auto", "tpu", set(), "bfloat16"),
+        ("float32", "gpu", set(), "float32"),  # an explicit choice is kept
+        ("bfloat16", "cpu", set(), "bfloat16"),
+    ],
+)
+def test_auto_unembedding_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(
+    choice, backend, flags, expected
+):
+    assert command.unembed_dtype_for(choice, backend, frozenset(flags)) == expected
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo():
+    if not pathlib.Path("/proc/cpuinfo").exists():
+        assert command.cpu_flags() == frozenset()
+        return
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    first = next(line for line in lines if line.startswith("flags")).split(":", 1)[1].split()
+    assert set(first) <= command.cpu_flags() and "fpu" in command.cpu_flags()
+
+
 def _serve(cwd, *flags):
     """Starts the command as a user would; returns the process and the address it printed."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
