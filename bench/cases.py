@@ -115,6 +115,11 @@ class Impl:
     autocast: bool = False
     reference: bool = False
 
+    @property
+    def bfloat16(self) -> bool:
+        """Whether its matmuls run in bfloat16 (jaxlens's dtype, tuned-lens's autocast)."""
+        return self.dtype == "bfloat16" or self.autocast
+
 
 IMPLS = {
     "jaxlens": Impl("jaxlens", "jax", reference=True),

@@ -32,6 +32,7 @@ from bench import cases as cases_lib
 from bench import report
 from bench.cases import IMPLS, Case
 from bench.children import ROOT, Children, machine, thread_settings, versions
+from jaxlens import hardware
 
 # Parity limits on |jaxlens - tuned-lens| / max(1, |tuned-lens|), float32, for the training losses
 # and the evaluation metrics (the latest full run's worst: 1.1e-5 and 4.2e-6, on SmolLM2).
@@ -46,7 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="repeats of every case (default: per case)")
     parser.add_argument("--cases", nargs="+", help=f"cases to time, from {list(cases_lib.CASES)}")
     parser.add_argument(
-        "--impls", nargs="+", default=list(IMPLS), help=f"implementations, from {list(IMPLS)}"
+        "--impls",
+        nargs="+",
+        default=default_impls(),
+        help=f"implementations, from {list(IMPLS)} (default: all of them, less the bfloat16 ones "
+        "on a CPU that emulates bfloat16, where they run 100x slower)",
     )
     parser.add_argument(
         "--bf16-repeats",
@@ -87,6 +92,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         name = "quick.json" if args.quick else "latest.json"
         args.out = str(ROOT / "bench" / "results" / name)
     return args
+
+
+def default_impls() -> list[str]:
+    """Every implementation, less the bfloat16 ones where this CPU has no bfloat16 matrix
+    instructions: there PyTorch's bfloat16 matmul runs about 100x slower than its float32 one,
+    and a tuned-lens-shipped run would take hours (`jaxlens.hardware`)."""
+    if hardware.fast_bfloat16_matmul("cpu", hardware.cpu_flags()):
+        return list(IMPLS)
+    return [name for name, impl in IMPLS.items() if not impl.bfloat16]
 
 
 # Preparation -------------------------------------------------------------------------------
@@ -238,7 +252,7 @@ def run_memory(children, models, workdir, args) -> list[dict]:
     for case in cases_lib.memory_cases(args.memory_case, args.quick, args.memory_tokens):
         path = workdir / f"memory-{case.name}-{case.tokens_per_step}.npy"
         batches = save_batches(path, case, 2, seed=4)
-        for name in cases_lib.MEMORY_IMPLS:
+        for name in [n for n in cases_lib.MEMORY_IMPLS if n in args.impls]:
             spec = {
                 "task": "throughput",
                 "case": case.to_dict(),

@@ -53,15 +53,6 @@ def test_auto_unembedding_dtype_is_bfloat16_only_where_the_hardware_multiplies_i
     assert command.unembed_dtype_for(choice, backend, frozenset(flags)) == expected
 
 
-def test_cpu_flags_are_read_from_proc_cpuinfo():
-    if not pathlib.Path("/proc/cpuinfo").exists():
-        assert command.cpu_flags() == frozenset()
-        return
-    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    first = next(line for line in lines if line.startswith("flags")).split(":", 1)[1].split()
-    assert set(first) <= command.cpu_flags() and "fpu" in command.cpu_flags()
-
-
 def _serve(cwd, *flags):
     """Starts the command as a user would; returns the process and the address it printed."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}

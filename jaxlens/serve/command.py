@@ -15,7 +15,7 @@ import socket
 
 from absl import flags
 
-from jaxlens import cli
+from jaxlens import cli, hardware
 
 DEMO_WORKDIR = pathlib.Path("workdirs/demo")  # what `make demo` writes
 
@@ -66,31 +66,13 @@ _UNEMBED_DTYPE = flags.DEFINE_enum(
     "bfloat16 top tokens agree with float32 in over 99% of cells.",
     flag_values=FLAGS,
 )
-# CPU flags (as /proc/cpuinfo names them) of instructions that multiply bfloat16 matrices natively.
-BF16_MATMUL_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 def unembed_dtype_for(choice: str, backend: str, cpu_flags: frozenset[str]) -> str:
     """The unembedding dtype that `--unembed_dtype=choice` means on this hardware."""
     if choice != "auto":
         return choice
-    if backend != "cpu" or cpu_flags & BF16_MATMUL_CPU_FLAGS:
-        return "bfloat16"
-    return "float32"
-
-
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    return frozenset(
-        flag
-        for line in text.splitlines()
-        if line.startswith("flags")
-        for flag in line.partition(":")[2].split()
-    )
+    return "bfloat16" if hardware.fast_bfloat16_matmul(backend, cpu_flags) else "float32"
 
 
 def job(values) -> None:
@@ -111,7 +93,7 @@ def job(values) -> None:
         top_k=_TOP_K.value,
         max_tokens=_MAX_TOKENS.value,
         unembed_dtype=jnp.dtype(
-            unembed_dtype_for(_UNEMBED_DTYPE.value, jax.default_backend(), cpu_flags())
+            unembed_dtype_for(_UNEMBED_DTYPE.value, jax.default_backend(), hardware.cpu_flags())
         ),
     )
     for lens in explorer.lenses[:2]:  # compile the first bucket and fill the cache: a fast page
