@@ -83,11 +83,7 @@ def top_k(z_tv: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 def _cell_numbers(z_gtv, targets_t, p_tv, neg_entropy_p_t, k):
     """The `Cells` fields of rows of logits `[g, T, V]` (KL against the model's p `[T, V]`)."""
-    stats = softmax_stats(z_gtv, targets_t, p_tv)
-    target_gt1 = jnp.take_along_axis(
-        z_gtv, jnp.broadcast_to(targets_t, z_gtv.shape[:-1])[..., None], axis=-1
-    )
-    rank_gt = (z_gtv > target_gt1).sum(-1, dtype=jnp.int32)
+    stats = softmax_stats(z_gtv, targets_t, p_tv, rank=True)
     top_values, top_ids = top_k(z_gtv.reshape(-1, z_gtv.shape[-1]), k)
     rows = z_gtv.shape[:-1] + (k,)
     top_values_gtk, top_ids_gtk = top_values.reshape(rows), top_ids.reshape(rows)
@@ -96,7 +92,7 @@ def _cell_numbers(z_gtv, targets_t, p_tv, neg_entropy_p_t, k):
         stats.ce,
         # KL >= 0; rounding leaves the output row's KL to itself a hair below zero.
         jnp.maximum(neg_entropy_p_t - stats.cross, 0.0),
-        rank_gt,
+        stats.rank,
         jnp.exp(-stats.log_total),  # the top token's logit is the peak
         top_ids_gtk,
         jnp.exp((top_values_gtk - stats.peak[..., None]) - stats.log_total[..., None]),
