@@ -154,6 +154,19 @@ def _screenshot(url: str, out: pathlib.Path) -> None:
     print(f"Wrote {out}")
 
 
+def _cpu_model() -> str:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return "unknown"
+
+
+def _fast_bfloat16() -> bool:
+    from jaxlens import hardware
+
+    return hardware.fast_bfloat16_matmul("cpu", hardware.cpu_flags())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
@@ -168,7 +181,8 @@ def main() -> None:
         for i, dtype in enumerate(args.dtypes)
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu_count": os.cpu_count(), "runs": results}, indent=1))
+    cpu = {"count": os.cpu_count(), "model": _cpu_model(), "bfloat16_matmul": _fast_bfloat16()}
+    args.out.write_text(json.dumps({"cpu": cpu, "runs": results}, indent=1))
     print(f"Wrote {args.out}")
 
 
