@@ -83,7 +83,10 @@ def extract_causal_bases(
       init_ldk: `[len(layers), d, k]` starting directions (column j starts direction j).
       max_iter: L-BFGS iterations at most, per direction.
       tolerance: L-BFGS stops once the gradient's norm is below this (times the energy, for
-        energies above 1).
+        energies above 1). Each direction is a maximum over the space orthogonal to the ones
+        before it, so an error in an earlier direction moves the later energies to first order:
+        at the default, later energies of a tiny model were 1e-5 off a float64 fit (1e-7 gave
+        2e-7; tests/test_causal_basis.py).
       layers_per_batch: how many layers are fitted at once under `vmap` (default: all); lower it
         when `layers_per_batch * b * t * vocab` float32 logits (a few copies) do not fit.
     Returns:
