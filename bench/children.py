@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from jaxlens import hardware
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = (
     "jax",
@@ -82,14 +84,14 @@ def machine() -> dict:
     info = pathlib.Path("/proc/cpuinfo").read_text()
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
                   if line.startswith("model name")), platform.processor())  # fmt: skip
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
-                  if line.startswith("flags")), [])  # fmt: skip
     memory = pathlib.Path("/proc/meminfo").read_text().splitlines()[0]
     return {
         "cpu": model,
         "cpu_count": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)),
-        "flags": [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags],
+        "flags": sorted(
+            ({"avx512f", "amx_tile"} | hardware.BF16_MATMUL_CPU_FLAGS) & hardware.cpu_flags()
+        ),
         "memory": memory.split(":", 1)[1].strip(),
         "platform": platform.platform(),
         "thread_env": {

@@ -19,7 +19,7 @@ EMULATED_SIZE = 512  # bfloat16 products' size where the CPU emulates bfloat16
 
 
 def _bfloat16_size(n: int) -> int:
-    return n if hardware.fast_bfloat16_matmul("cpu", hardware.cpu_flags()) else EMULATED_SIZE
+    return n if hardware.cpu_multiplies_bfloat16() else EMULATED_SIZE
 
 
 def _best_gflops(run, n: int, repeats: int) -> float:

@@ -98,7 +98,7 @@ def default_impls() -> list[str]:
     """Every implementation, less the bfloat16 ones where this CPU has no bfloat16 matrix
     instructions: there PyTorch's bfloat16 matmul runs about 100x slower than its float32 one,
     and a tuned-lens-shipped run would take hours (`jaxlens.hardware`)."""
-    if hardware.fast_bfloat16_matmul("cpu", hardware.cpu_flags()):
+    if hardware.cpu_multiplies_bfloat16():
         return list(IMPLS)
     return [name for name, impl in IMPLS.items() if not impl.bfloat16]
 

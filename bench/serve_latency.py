@@ -27,6 +27,8 @@ import sys
 import time
 import urllib.request
 
+from bench.children import machine
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LENGTHS = (16, 64, 256)
 
@@ -154,19 +156,6 @@ def _screenshot(url: str, out: pathlib.Path) -> None:
     print(f"Wrote {out}")
 
 
-def _cpu_model() -> str:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return "unknown"
-
-
-def _fast_bfloat16() -> bool:
-    from jaxlens import hardware
-
-    return hardware.fast_bfloat16_matmul("cpu", hardware.cpu_flags())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
@@ -181,8 +170,7 @@ def main() -> None:
         for i, dtype in enumerate(args.dtypes)
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cpu = {"count": os.cpu_count(), "model": _cpu_model(), "bfloat16_matmul": _fast_bfloat16()}
-    args.out.write_text(json.dumps({"cpu": cpu, "runs": results}, indent=1))
+    args.out.write_text(json.dumps({"machine": machine(), "runs": results}, indent=1))
     print(f"Wrote {args.out}")
 
 

@@ -22,6 +22,11 @@ def fast_bfloat16_matmul(backend: str, flags: frozenset[str]) -> bool:
     return backend != "cpu" or bool(flags & BF16_MATMUL_CPU_FLAGS)
 
 
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this machine's CPU multiplies bfloat16 matrices natively (faster than float32)."""
+    return fast_bfloat16_matmul("cpu", cpu_flags())
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
