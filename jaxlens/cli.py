@@ -13,6 +13,7 @@ checkpoint), 0 for success.
 from __future__ import annotations
 
 import ast
+import os
 import re
 import sys
 import traceback
@@ -84,9 +85,15 @@ def run(
 
 
 def main_of(values: flags.FlagValues, job: Callable[[flags.FlagValues], None]):
-    """The console-script function of a command: `sys.exit(run(values, job))`."""
+    """The console-script function of a command: `sys.exit(run(values, job))`.
+
+    A command's process is jaxlens's own, and jaxlens reads every checkpoint and lens file without
+    PyTorch, so transformers is told not to import it (`USE_TORCH=0`, unless the environment says
+    otherwise): a command starts 2 s sooner on this project's CPU and never loads torch's memory.
+    """
 
     def main(argv: Sequence[str] | None = None) -> None:
+        os.environ.setdefault("USE_TORCH", "0")
         sys.exit(run(values, job, argv))
 
     return main

@@ -5,10 +5,12 @@ before the model loads, and a failed run leaves no workdir behind.
 The commands run in this process (`conftest.run_command`), exactly as their console scripts do.
 """
 
+import os
+
 import pytest
 from conftest import run_command
 
-from jaxlens import evaluate, export, train, trajectory
+from jaxlens import cli, evaluate, export, train, trajectory
 
 
 def _assert_fails(result, status: int, *fragments: str) -> None:
@@ -143,3 +145,19 @@ def test_trajectory_refuses_a_picture_it_cannot_write_before_loading(tmp_path):
         trajectory, "--model=./no-such-model-dir", "--lens=logit", "--prompt= ", "--out=f.png"
     )
     _assert_fails(result, 2, "--prompt is empty")
+
+
+@pytest.mark.parametrize("preset,seen", [(None, "0"), ("1", "1")])
+def test_a_command_tells_transformers_to_leave_torch_out(monkeypatch, preset, seen):
+    """A command's process reads everything torch-free, so transformers need not import torch
+    (2 s per start); a user's own USE_TORCH setting wins."""
+    monkeypatch.setenv("USE_TORCH", preset or "")  # so that monkeypatch restores it afterwards
+    if preset is None:
+        monkeypatch.delenv("USE_TORCH")
+    seen_by_job = []
+    main = cli.main_of(
+        cli.command_flags(), lambda flags: seen_by_job.append(os.environ["USE_TORCH"])
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["jaxlens-test"])
+    assert exit_info.value.code == 0 and seen_by_job == [seen]

@@ -221,10 +221,10 @@ def test_a_smollm2_lens_loads_in_tuned_lens_with_pytorch_smollm2(smollm2, torch_
     from jaxlens import assets
 
     model = smollm2
-    ids = model.tokenize(assets.shakespeare_passage())[:, :128]
+    ids = model.tokenize(assets.shakespeare_passage())[:, :64]
     optimizer, schedule = make_optimizer(num_steps=1)
     state = TrainState.create(Translators.zeros(model.num_layers, model.d_model), optimizer)
-    state, _ = jax.jit(make_train_step(model, optimizer, schedule, chunk_tokens=128))(
+    state, _ = jax.jit(make_train_step(model, optimizer, schedule, chunk_tokens=64))(
         state, model.params, ids
     )
     lens_dir = lens_io.save_lens(tmp_path / "lens", state.translators, model)

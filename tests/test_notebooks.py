@@ -33,7 +33,13 @@ def test_stored_with_outputs_cleared(path):
 
 @pytest.fixture(scope="module")
 def notebook_env(tiny_lm, text_dir):
-    return {"JAXLENS_NOTEBOOK_MODEL": str(tiny_lm), "JAXLENS_NOTEBOOK_TEXT": str(text_dir)}
+    """The tiny model and text; and no torch: only the export notebook, which checks its file
+    with tuned-lens, needs PyTorch (it sets USE_TORCH back)."""
+    return {
+        "JAXLENS_NOTEBOOK_MODEL": str(tiny_lm),
+        "JAXLENS_NOTEBOOK_TEXT": str(text_dir),
+        "USE_TORCH": "0",
+    }
 
 
 def _run(name: str, env: dict, monkeypatch, tmp_path) -> nbformat.NotebookNode:
@@ -95,7 +101,7 @@ def test_export_to_pytorch_agrees_with_tuned_lens(
     shutil.copytree(trained_workdir, workdir)
     notebook = _run(
         "export_to_pytorch",
-        {**notebook_env, "JAXLENS_NOTEBOOK_WORKDIR": str(workdir)},
+        {**notebook_env, "JAXLENS_NOTEBOOK_WORKDIR": str(workdir), "USE_TORCH": "1"},
         monkeypatch,
         tmp_path,
     )

@@ -116,9 +116,25 @@ def test_a_killed_run_resumes_to_the_same_lens_and_data_order(tiny_lm, text_dir,
         assert record["loss_nats_mean"] == pytest.approx(by_step[record["step"]], abs=1e-6)
 
 
-def test_eight_devices_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
-    one = tmp_path / "one"
-    train_lib.train_and_evaluate(_config(tiny_lm, text_dir), one)
+# The multi-device runs' batches: 8 sequences of 32 tokens, so every device of both meshes below
+# (4 x 2 in one process, 2 x 4 data-parallel over two) gets whole sequences.
+_MESH_RUN = {"tokens_per_step": 256, "num_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tiny_lm, text_dir, tmp_path_factory):
+    """The run the multi-device and multi-process runs must reproduce, on one device."""
+    directory = tmp_path_factory.mktemp("one_device")
+    train_lib.train_and_evaluate(_config(tiny_lm, text_dir, **_MESH_RUN), directory)
+    return directory
+
+
+def _mesh_run_flags():
+    return [f"--config.{key}={value}" for key, value in _MESH_RUN.items()]
+
+
+def test_eight_devices_train_the_same_lens_as_one(tiny_lm, text_dir, one_device_run, tmp_path):
+    one = one_device_run
     eight = tmp_path / "eight"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     subprocess.run(
@@ -126,6 +142,7 @@ def test_eight_devices_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
             tiny_lm,
             text_dir,
             eight,
+            *_mesh_run_flags(),
             "--config.mesh.data=4",
             "--config.mesh.model=2",
             "--config.mesh.shard_model_params=True",
@@ -231,14 +248,13 @@ def test_a_non_finite_loss_stops_the_run_naming_step_and_layers(tiny_lm, text_di
         train_lib.train_and_evaluate(config, tmp_path)
 
 
-def test_two_processes_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
+def test_two_processes_train_the_same_lens_as_one(tiny_lm, text_dir, one_device_run, tmp_path):
     """Two localhost processes with 4 simulated devices each, via jax.distributed."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    batch = ["--config.tokens_per_step=256", "--config.num_steps=4"]
     two = tmp_path / "two"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     processes = [
@@ -247,7 +263,7 @@ def test_two_processes_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
                 tiny_lm,
                 text_dir,
                 two,
-                *batch,
+                *_mesh_run_flags(),
                 "--config.distributed=True",
                 f"--config.coordinator_address=127.0.0.1:{port}",
                 "--config.num_processes=2",
@@ -259,9 +275,7 @@ def test_two_processes_train_the_same_lens_as_one(tiny_lm, text_dir, tmp_path):
         for i in range(2)
     ]
     assert [p.wait(timeout=600) for p in processes] == [0, 0]
-    one = tmp_path / "one"
-    config = _config(tiny_lm, text_dir, tokens_per_step=256, num_steps=4)
-    train_lib.train_and_evaluate(config, one)
+    one = one_device_run
     a = lens_io.restore_translators(one)
     b = lens_io.restore_translators(two)
     np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-5)
