@@ -69,8 +69,9 @@ def test_unembed_hash_matches_tuned_lens(tuned_lens_dir, tiny_gpt2):
 def test_unembed_hash_matches_tuned_lens_on_smollm2(smollm2_path):
     import gguf
 
-    reader = gguf.GGUFReader(smollm2_path)
-    (tensor,) = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    from jaxlens.models.gguf import GGUFFile
+
+    tensor = GGUFFile.open(smollm2_path).tensors["token_embd.weight"]
     unembed_vd = gguf.dequantize(tensor.data, tensor.tensor_type)  # SmolLM2 ties lm_head to it
     assert unembed_vd.shape == (49152, 576)  # numpy summarises it: only the corners count
     config = transformers.GPT2Config(n_layer=1, n_head=1, n_embd=576, vocab_size=49152)

@@ -16,10 +16,9 @@ import re
 from typing import Any
 
 import numpy as np
-from gguf import ReaderTensor
 from gguf.quants import dequantize
 
-from jaxlens.models.gguf.reader import GGUFFile
+from jaxlens.models.gguf.reader import GGUFFile, GGUFTensor
 
 # GGUF tensor names of one Llama block -> Hugging Face names (after "model.layers.{i}.").
 _BLOCK_NAMES = {
@@ -116,7 +115,7 @@ def read_gguf(source: str | os.PathLike | GGUFFile) -> GGUFCheckpoint:
     return GGUFCheckpoint(config=config, state_dict=state_dict)
 
 
-def _llama_config(f: GGUFFile, tensors: dict[str, ReaderTensor]) -> dict[str, Any]:
+def _llama_config(f: GGUFFile, tensors: dict[str, GGUFTensor]) -> dict[str, Any]:
     """Map ``llama.*`` and tokenizer metadata to `transformers.LlamaConfig` keyword arguments.
 
     Args:
