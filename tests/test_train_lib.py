@@ -117,8 +117,15 @@ def test_a_killed_run_resumes_to_the_same_lens_and_data_order(tiny_lm, text_dir,
 
 
 # The multi-device runs' batches: 8 sequences of 32 tokens, so every device of both meshes below
-# (4 x 2 in one process, 2 x 4 data-parallel over two) gets whole sequences.
-_MESH_RUN = {"tokens_per_step": 256, "num_steps": 4}
+# (4 x 2 in one process, 2 x 4 data-parallel over two) gets whole sequences. They start from a
+# closed-form fit, kept as checkpoint 0, so they check the fit across meshes and processes too.
+_MESH_RUN = {
+    "tokens_per_step": 256,
+    "num_steps": 4,
+    "keep_checkpoints": 5,
+    "init.method": "least_squares",
+    "init.tokens": 256,
+}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +138,19 @@ def one_device_run(tiny_lm, text_dir, tmp_path_factory):
 
 def _mesh_run_flags():
     return [f"--config.{key}={value}" for key, value in _MESH_RUN.items()]
+
+
+def _assert_same_lens(a, b):
+    """Two mesh runs' closed-form fits (checkpoint 0) agree within 1e-5 of the map's scale (the
+    tolerance of tests/test_closed_form.py), and their trained lenses within 1e-5."""
+    fit_a, fit_b = lens_io.restore_translators(a, step=0), lens_io.restore_translators(b, step=0)
+    scale = np.abs(np.asarray(fit_a.kernel_ldd) + np.eye(fit_a.kernel_ldd.shape[-1])).max()
+    assert np.abs(np.asarray(fit_a.kernel_ldd) - np.asarray(fit_b.kernel_ldd)).max() / scale < 1e-5
+    assert np.abs(np.asarray(fit_a.kernel_ldd)).max() > 0.1  # a fit, not the zero start
+    trained_a, trained_b = lens_io.restore_translators(a), lens_io.restore_translators(b)
+    np.testing.assert_allclose(trained_a.kernel_ldd, trained_b.kernel_ldd, atol=1e-5)
+    np.testing.assert_allclose(trained_a.bias_ld, trained_b.bias_ld, atol=1e-5)
+    _assert_same_evaluation(a, b)
 
 
 def test_eight_devices_train_the_same_lens_as_one(tiny_lm, text_dir, one_device_run, tmp_path):
@@ -151,11 +171,7 @@ def test_eight_devices_train_the_same_lens_as_one(tiny_lm, text_dir, one_device_
         env=env,
         check=True,
     )
-    a = lens_io.restore_translators(one)
-    b = lens_io.restore_translators(eight)
-    np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-5)
-    np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-5)
-    _assert_same_evaluation(one, eight)
+    _assert_same_lens(one, eight)
 
 
 def _assert_same_evaluation(a, b):
@@ -249,7 +265,8 @@ def test_a_non_finite_loss_stops_the_run_naming_step_and_layers(tiny_lm, text_di
 
 
 def test_two_processes_train_the_same_lens_as_one(tiny_lm, text_dir, one_device_run, tmp_path):
-    """Two localhost processes with 4 simulated devices each, via jax.distributed."""
+    """Two localhost processes with 4 simulated devices each, via jax.distributed: the
+    closed-form fit (its statistics summed across the processes) and the training after it."""
     import socket
 
     with socket.socket() as s:
@@ -275,12 +292,7 @@ def test_two_processes_train_the_same_lens_as_one(tiny_lm, text_dir, one_device_
         for i in range(2)
     ]
     assert [p.wait(timeout=600) for p in processes] == [0, 0]
-    one = one_device_run
-    a = lens_io.restore_translators(one)
-    b = lens_io.restore_translators(two)
-    np.testing.assert_allclose(a.kernel_ldd, b.kernel_ldd, atol=1e-5)
-    np.testing.assert_allclose(a.bias_ld, b.bias_ld, atol=1e-5)
-    _assert_same_evaluation(one, two)
+    _assert_same_lens(one_device_run, two)
 
 
 def _tensorboard_scalars(directory):
