@@ -95,13 +95,26 @@ class Decoder:
         """
         logits = jnp.einsum(
             "...d,vd->...v",
-            h_d.astype(self.unembed_vd.dtype),
+            self._matmul_input(h_d),
             self.unembed_vd,
             preferred_element_type=jnp.float32,
         )
         if self.unembed_bias_v is not None:
             logits = logits + self.unembed_bias_v.astype(jnp.float32)
         return self.cap(logits)
+
+    def _matmul_input(self, h_d: jax.Array) -> jax.Array:
+        return h_d.astype(self.unembed_vd.dtype)
+
+    def unembed_input(self, h_d: jax.Array) -> jax.Array:
+        """Normalised vectors `[..., d]` as `unembed`'s matmul reads them (rounded to the
+        unembedding's dtype), in float32."""
+        return self._matmul_input(h_d).astype(jnp.float32)
+
+    @property
+    def linear_logits(self) -> bool:
+        """Whether logits are affine in the normalised vector, `x W + b` (no soft-cap)."""
+        return self.logit_softcap is None
 
     def cap(self, logits: jax.Array) -> jax.Array:
         """The final soft-cap `c * tanh(z / c)` of raw logits (identity without one)."""

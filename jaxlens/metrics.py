@@ -144,6 +144,12 @@ def lenses_metrics(
     chunk` rows against the same `[V, d]` matrix, which the CPU backend packs once per matmul),
     and they share the model's own distribution, computed once per chunk.
 
+    When the logits are linear in the normalised vector (`Decoder.linear_logits`), the KL takes no
+    pass over the vocabulary of its own: KL(p || q) = lse(z) - lse(m) - sum_v p_v (z_v - m_v)
+    for lens logits z = x W + b and model logits m = x_f W + b, and the last sum is
+    `(x - x_f) . (W^T p)`, with `W^T p` `[c, d]` formed once per chunk. The bias cancels exactly
+    and the two log-sum-exps are subtracted peak from peak, so large logits cost no digits.
+
     Args:
       decoder: the model's final norm and unembedding.
       lenses: for each lens, its translator bank, or None for the logit lens.
@@ -177,11 +183,31 @@ def lenses_metrics(
         model_stats = softmax_stats(model_z_cv, labels_c)
         # The model's own distribution p, once per chunk for all layers and lenses.
         p_cv = jnp.exp(model_stats.log_probs(model_z_cv))
+        if decoder.linear_logits:
+            final_x_cd = decoder.unembed_input(final_cd)
+            p_unembedded_cd = jnp.einsum(
+                "cv,vd->cd", p_cv, decoder.unembed_vd.astype(jnp.float32), precision="highest"
+            )
 
         def one_layer(_, layer_xs):
             h_cd, banks_xs = layer_xs
-            stats = softmax_stats(decoder.unembed(lensed_ncd(h_cd, banks_xs)), labels_c, p_cv)
-            kl_nc = -model_stats.entropy - stats.cross
+            x_ncd = lensed_ncd(h_cd, banks_xs)
+            if decoder.linear_logits:
+                stats = softmax_stats(decoder.unembed(x_ncd), labels_c)
+                moved_nc = jnp.einsum(
+                    "ncd,cd->nc",
+                    decoder.unembed_input(x_ncd) - final_x_cd,
+                    p_unembedded_cd,
+                    precision="highest",
+                )
+                kl_nc = (
+                    (stats.peak - model_stats.peak)
+                    + (stats.log_total - model_stats.log_total)
+                    - moved_nc
+                )
+            else:
+                stats = softmax_stats(decoder.unembed(x_ncd), labels_c, p_cv)
+                kl_nc = -model_stats.entropy - stats.cross
             sums_n3 = jnp.stack(
                 [kl_nc @ weight_c, stats.ce @ next_weight_c, stats.entropy @ weight_c], axis=-1
             )
