@@ -33,8 +33,9 @@ class Case:
       seq_len: tokens per sequence.
       batch: sequences per optimizer step (tokens per step = batch * seq_len), one micro-batch.
       train_steps: timed steady-state training steps, after the first step (timed apart).
-      eval_steps: timed evaluation steps (0: none). Both sides have just run the training
-        steps, so the model is warm; jaxlens's ahead-of-time compilation is timed apart.
+      eval_steps: timed evaluation steps (0: none), after a first evaluation step timed apart
+        (as training's first step is). Both sides have just run the training steps, so the
+        model is warm; jaxlens's ahead-of-time compilation is timed apart.
       repeats: default repeats (fresh processes per implementation) of this case.
       bf16_repeats: in how many of the first repeats jaxlens-bf16 runs too (it is reported,
         not a target; on the larger cases one run costs about a minute).

@@ -140,6 +140,11 @@ def _time_eval(runner: Runner, translators, ids, steps: int) -> dict:
     evaluate = runner.compile_eval(translators, ids[0])
     out = {"eval_compile_s": time.perf_counter() - began}
     with RssSampler() as rss:
+        # The first step is timed apart, as training's is: it also pays the executable's first
+        # run (fresh buffers), which the evaluation of a held-out set pays once.
+        began = time.perf_counter()
+        jax.block_until_ready(evaluate(translators, runner.params, ids[0]))
+        out["eval_first_step_s"] = time.perf_counter() - began
         began = time.perf_counter()
         metrics = [evaluate(translators, runner.params, ids[i % len(ids)]) for i in range(steps)]
         jax.block_until_ready(metrics)
