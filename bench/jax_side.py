@@ -135,6 +135,28 @@ def throughput(spec: dict) -> dict:
     return result
 
 
+def paired(spec: dict) -> dict:
+    """`spec["pairs"]` training steps and evaluation steps, alternated on the same batches after
+    one untimed step of each (`bench.eval_vs_train`); seconds per step."""
+    runner = Runner(spec)
+    ids = runner.batches(np.load(spec["batches"]))
+    state = runner.state(zero_translators(runner.model))
+    train = runner.compile_train(state, ids[0])
+    evaluate = runner.compile_eval(state.translators, ids[0])
+    state, _ = jax.block_until_ready(train(state, runner.params, ids[0]))
+    jax.block_until_ready(evaluate(state.translators, runner.params, ids[0]))
+    result = {"train_step_s": [], "eval_step_s": []}
+    for i in range(spec["pairs"]):
+        ids_bt = ids[i % len(ids)]
+        began = time.perf_counter()
+        state, _ = jax.block_until_ready(train(state, runner.params, ids_bt))
+        result["train_step_s"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        jax.block_until_ready(evaluate(state.translators, runner.params, ids_bt))
+        result["eval_step_s"].append(time.perf_counter() - began)
+    return result
+
+
 def _time_eval(runner: Runner, translators, ids, steps: int) -> dict:
     began = time.perf_counter()
     evaluate = runner.compile_eval(translators, ids[0])

@@ -5,10 +5,11 @@
 Spec `task`: "peak" (matrix-multiply peak of `library`), "prepare" (save the model of `case`
 for PyTorch to `model`), "snapshots" (tuned-lens's training loop from zeros, translators saved
 at given steps: `torch_side.train_snapshots`), "throughput" (time training and evaluation
-steps; memory runs are throughput runs without evaluation) or "parity" (losses from given
-translators). Throughput and parity import only their implementation's side: a jaxlens child
-never imports torch (transformers is told not to, with USE_TORCH=0), and a tuned-lens child never
-imports jax.
+steps; memory runs are throughput runs without evaluation), "parity" (losses from given
+translators) or "paired" (jaxlens only: training and evaluation steps alternated,
+`jax_side.paired`). These last three import only their implementation's side: a jaxlens child
+never imports torch (transformers is told not to, with USE_TORCH=0), and a tuned-lens child
+never imports jax.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def run(spec: dict) -> dict:
         from bench import torch_side
 
         return torch_side.train_snapshots(spec)
-    if task not in ("throughput", "parity"):
+    if task not in ("throughput", "parity", "paired"):
         raise ValueError(f"Unknown task {task!r}.")
     if spec["impl"]["side"] == "jax":
         # transformers imports torch whenever it is installed; jaxlens never uses it.
