@@ -185,6 +185,8 @@ def lenses_metrics(
         p_cv = jnp.exp(model_stats.log_probs(model_z_cv))
         if decoder.linear_logits:
             final_x_cd = decoder.unembed_input(final_cd)
+            # Training's `losses._target_moments` forms the same `p U` with p rounded to the
+            # unembedding's dtype (a gradient tolerates it); a reported KL keeps p in float32.
             p_unembedded_cd = jnp.einsum(
                 "cv,vd->cd", p_cv, decoder.unembed_vd.astype(jnp.float32), precision="highest"
             )
