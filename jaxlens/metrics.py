@@ -20,6 +20,17 @@ from jaxlens.decoder import Decoder
 from jaxlens.lens import Translators, translate
 from jaxlens.losses import pad_to_chunks
 
+# Rows per unembedding matmul where several lenses' rows can share one: a `[rows, d] x [d, V]`
+# product this tall runs near the CPU's float32 peak, where one chunk's rows alone may not.
+MATMUL_ROWS = 1024
+
+
+def blocks_per_matmul(count: int, rows_each: int, rows: int = MATMUL_ROWS) -> int:
+    """How many of `count` blocks of `rows_each` rows share one unembedding matmul: the largest
+    divisor of `count` whose blocks stay within `rows` rows together (at least 1)."""
+    fits = max(1, rows // rows_each)
+    return max(g for g in range(1, count + 1) if count % g == 0 and g <= fits)
+
 
 def _evaluation_chunks(h_lbtd, input_ids_bt, chunk):
     """Chunked `(h [k, L, c, d], next-token labels, weights, has-next weights)` for evaluation.
@@ -129,6 +140,63 @@ def layer_metrics(
     )[0]
 
 
+class _Reference(NamedTuple):
+    """The distribution p that lenses' KL(p || q) is taken from, for one chunk `[c, ...]`:
+    its softmax statistics and probabilities, and for affine logits (`Decoder.linear_logits`)
+    its normalised input as the matmul reads it and `W^T p` `[c, d]`."""
+
+    stats: SoftmaxStats
+    p_cv: jax.Array
+    input_cd: jax.Array | None
+    unembedded_cd: jax.Array | None
+
+
+def _reference(decoder: Decoder, x_cd: jax.Array, labels_c: jax.Array) -> _Reference:
+    """The reference distribution of normalised vectors `x_cd` (see `_Reference`)."""
+    z_cv = decoder.unembed(x_cd)
+    stats = softmax_stats(z_cv, labels_c)
+    p_cv = jnp.exp(stats.log_probs(z_cv))
+    if not decoder.linear_logits:
+        return _Reference(stats, p_cv, None, None)
+    # Training's `losses._target_moments` forms the same `p U` with p rounded to the
+    # unembedding's dtype (a gradient tolerates it); a reported KL keeps p in float32.
+    unembedded_cd = jnp.einsum(
+        "cv,vd->cd", p_cv, decoder.unembed_vd.astype(jnp.float32), precision="highest"
+    )
+    return _Reference(stats, p_cv, decoder.unembed_input(x_cd), unembedded_cd)
+
+
+def _stats_and_kl(
+    decoder: Decoder, x_ncd: jax.Array, labels_c: jax.Array, reference: _Reference
+) -> tuple[SoftmaxStats, jax.Array]:
+    """Softmax statistics of `n` lenses' normalised vectors `x_ncd` and their KL(p || q) `[n, c]`
+    from the reference p.
+
+    When the logits are affine in the normalised vector (`Decoder.linear_logits`), the KL takes
+    no pass over the vocabulary of its own: for lens logits z = x W + b and reference logits
+    m = x_p W + b, KL(p || q) = lse(z) - lse(m) - sum_v p_v (z_v - m_v), and the last sum is
+    `(x - x_p) . (W^T p)`. The bias cancels exactly and the two log-sum-exps are subtracted peak
+    from peak, so large logits cost no digits. Other heads (soft-capped) sum p (z - peak).
+    """
+    z_ncv = decoder.unembed(x_ncd)
+    if not decoder.linear_logits:
+        stats = softmax_stats(z_ncv, labels_c, reference.p_cv)
+        return stats, -reference.stats.entropy - stats.cross
+    stats = softmax_stats(z_ncv, labels_c)
+    moved_nc = jnp.einsum(
+        "ncd,cd->nc",
+        decoder.unembed_input(x_ncd) - reference.input_cd,
+        reference.unembedded_cd,
+        precision="highest",
+    )
+    kl_nc = (
+        (stats.peak - reference.stats.peak)
+        + (stats.log_total - reference.stats.log_total)
+        - moved_nc
+    )
+    return stats, kl_nc
+
+
 def lenses_metrics(
     decoder: Decoder,
     lenses: Sequence[Translators | None],
@@ -142,13 +210,8 @@ def lenses_metrics(
 
     Each layer's chunk is decoded for all the lenses in one unembedding matmul (`n` lenses: `n *
     chunk` rows against the same `[V, d]` matrix, which the CPU backend packs once per matmul),
-    and they share the model's own distribution, computed once per chunk.
-
-    When the logits are linear in the normalised vector (`Decoder.linear_logits`), the KL takes no
-    pass over the vocabulary of its own: KL(p || q) = lse(z) - lse(m) - sum_v p_v (z_v - m_v)
-    for lens logits z = x W + b and model logits m = x_f W + b, and the last sum is
-    `(x - x_f) . (W^T p)`, with `W^T p` `[c, d]` formed once per chunk. The bias cancels exactly
-    and the two log-sum-exps are subtracted peak from peak, so large logits cost no digits.
+    and they share the model's own distribution, computed once per chunk (with `W^T p` for the
+    KL of affine logits, which then takes no pass over the vocabulary: see `_stats_and_kl`).
 
     Args:
       decoder: the model's final norm and unembedding.
@@ -179,44 +242,19 @@ def lenses_metrics(
 
     def one_chunk(totals, xs):
         h_lcd, final_cd, labels_c, weight_c, next_weight_c = xs
-        model_z_cv = decoder.unembed(final_cd.astype(jnp.float32))
-        model_stats = softmax_stats(model_z_cv, labels_c)
         # The model's own distribution p, once per chunk for all layers and lenses.
-        p_cv = jnp.exp(model_stats.log_probs(model_z_cv))
-        if decoder.linear_logits:
-            final_x_cd = decoder.unembed_input(final_cd)
-            # Training's `losses._target_moments` forms the same `p U` with p rounded to the
-            # unembedding's dtype (a gradient tolerates it); a reported KL keeps p in float32.
-            p_unembedded_cd = jnp.einsum(
-                "cv,vd->cd", p_cv, decoder.unembed_vd.astype(jnp.float32), precision="highest"
-            )
+        model = _reference(decoder, final_cd.astype(jnp.float32), labels_c)
 
         def one_layer(_, layer_xs):
             h_cd, banks_xs = layer_xs
-            x_ncd = lensed_ncd(h_cd, banks_xs)
-            if decoder.linear_logits:
-                stats = softmax_stats(decoder.unembed(x_ncd), labels_c)
-                moved_nc = jnp.einsum(
-                    "ncd,cd->nc",
-                    decoder.unembed_input(x_ncd) - final_x_cd,
-                    p_unembedded_cd,
-                    precision="highest",
-                )
-                kl_nc = (
-                    (stats.peak - model_stats.peak)
-                    + (stats.log_total - model_stats.log_total)
-                    - moved_nc
-                )
-            else:
-                stats = softmax_stats(decoder.unembed(x_ncd), labels_c, p_cv)
-                kl_nc = -model_stats.entropy - stats.cross
+            stats, kl_nc = _stats_and_kl(decoder, lensed_ncd(h_cd, banks_xs), labels_c, model)
             sums_n3 = jnp.stack(
                 [kl_nc @ weight_c, stats.ce @ next_weight_c, stats.entropy @ weight_c], axis=-1
             )
             return None, sums_n3
 
         _, sums_ln3 = jax.lax.scan(one_layer, None, (h_lcd, banks))
-        base = jnp.stack([model_stats.ce @ next_weight_c, model_stats.entropy @ weight_c])
+        base = jnp.stack([model.stats.ce @ next_weight_c, model.stats.entropy @ weight_c])
         return jax.tree.map(jnp.add, totals, (sums_ln3, base)), None
 
     zeros = (jnp.zeros((num_layers, len(lenses), 3), jnp.float32), jnp.zeros(2, jnp.float32))
@@ -247,7 +285,10 @@ def transfer_metrics(
     """Layer transfer: translator i applied to layer j's hidden states, for every pair.
 
     Shows how specific each translator is to its own layer (tuned-lens's `--layer_transfer`).
-    Costs L^2 unembeddings per token, against L for `layer_metrics`.
+    Costs L^2 unembeddings per token, against L for `layer_metrics`. For each layer j, its own
+    lens distribution is the reference of the KL (as the model's output is in `lenses_metrics`),
+    and the translators are applied a few at a time, stacked into one unembedding matmul of about
+    `MATMUL_ROWS` rows (`blocks_per_matmul`).
 
     Returns:
       `{"ce": [L_i, L_j], "kl": [L_i, L_j]}` in nats, averaged over tokens: ce the next-token
@@ -256,27 +297,31 @@ def transfer_metrics(
     """
     num_layers, batch, tokens, d = h_lbtd.shape
     n = batch * tokens
-    chunks = _evaluation_chunks(h_lbtd, input_ids_bt, min(chunk_tokens, n))
+    chunk = min(chunk_tokens, n)
+    chunks = _evaluation_chunks(h_lbtd, input_ids_bt, chunk)
+    group = blocks_per_matmul(num_layers, chunk)
+    groups = (
+        translators.kernel_ldd.reshape(-1, group, d, d),
+        translators.bias_ld.reshape(-1, group, d),
+    )
+    translate_each = jax.vmap(translate, in_axes=(0, 0, None))
 
     def one_chunk(totals, xs):
         h_lcd, labels_c, weight_c, next_weight_c = xs
 
         def one_layer(_, layer_xs):  # layer j: its own distribution, then every translator i
             kernel_dd, bias_d, h_cd = layer_xs
-            own_z_cv = decoder(translate(kernel_dd, bias_d, h_cd))
-            own = softmax_stats(own_z_cv, labels_c)
-            p = jnp.exp(own.log_probs(own_z_cv))
-            neg_entropy_c = -own.entropy
-
-            def one_translator(_, translator_xs):
-                moved = softmax_stats(decoder(translate(*translator_xs, h_cd)), labels_c, p)
-                kl = neg_entropy_c - moved.cross
-                return None, jnp.stack([(moved.ce * next_weight_c).sum(), (kl * weight_c).sum()])
-
-            _, sums_i2 = jax.lax.scan(
-                one_translator, None, (translators.kernel_ldd, translators.bias_ld)
+            own = _reference(
+                decoder, decoder.final_norm(translate(kernel_dd, bias_d, h_cd)), labels_c
             )
-            return None, sums_i2
+
+            def translator_group(_, group_xs):  # `group` translators, one matmul
+                x_gcd = decoder.final_norm(translate_each(*group_xs, h_cd))
+                moved, kl_gc = _stats_and_kl(decoder, x_gcd, labels_c, own)
+                return None, jnp.stack([moved.ce @ next_weight_c, kl_gc @ weight_c], axis=-1)
+
+            _, sums_ng2 = jax.lax.scan(translator_group, None, groups)
+            return None, sums_ng2.reshape(num_layers, 2)
 
         _, sums_ji2 = jax.lax.scan(
             one_layer, None, (translators.kernel_ldd, translators.bias_ld, h_lcd)

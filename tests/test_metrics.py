@@ -66,15 +66,23 @@ def test_layer_metrics_equal_numpy_on_pytorch_logits(tmp_path, family, lens, chu
     np.testing.assert_allclose(got["baseline_entropy"], base_entropy, rtol=1e-5)
 
 
-def test_layer_transfer_equals_numpy_on_pytorch_logits(tmp_path):
-    torch_model = tiny_models.build("gpt2", seed=22)
+@pytest.mark.parametrize(
+    ("family", "shape", "chunk"),
+    [("gpt2", (2, 6), 5), ("gpt2", (8, 50), 4096), ("gpt2", (20, 60), 4096), ("gemma2", (2, 6), 5)],
+)
+def test_layer_transfer_equals_numpy_on_pytorch_logits(tmp_path, family, shape, chunk):
+    """GPT-2's affine logits take the KL shortcut, Gemma-2's soft-capped ones the sum. With four
+    layers, chunks of 12, 400 and 1,200 tokens decode 4, 2 and 1 translators per matmul."""
+    layers = {"n_layer": 4} if family == "gpt2" else {}
+    torch_model = tiny_models.build(family, seed=22, **layers)
+    cap = torch_model.config.to_dict().get("final_logit_softcapping")
     model = load_model(tiny_models.save(torch_model, tmp_path))
-    ids = np.random.default_rng(0).integers(0, model.vocab_size, size=(2, 6))
+    ids = np.random.default_rng(0).integers(0, model.vocab_size, size=shape)
     num_layers = model.num_layers
     translators = tiny_models.random_translators(num_layers, model.d_model, seed=1, scale=0.2)
     hidden = model(ids).hidden_lbtd
     got = transfer_metrics(
-        model.decoder(), translators, hidden[:-1], jnp.asarray(ids), chunk_tokens=5
+        model.decoder(), translators, hidden[:-1], jnp.asarray(ids), chunk_tokens=chunk
     )
 
     head, norm = torch_model.get_output_embeddings(), tiny_models.final_norm_module(torch_model)
@@ -85,7 +93,8 @@ def test_layer_transfer_equals_numpy_on_pytorch_logits(tmp_path):
             h = out.hidden_states[j]
             moved = h + h @ torch.tensor(np.asarray(translators.kernel_ldd[i]))
             moved = moved + torch.tensor(np.asarray(translators.bias_ld[i]))
-            return _log_softmax(head(norm(moved)).numpy().astype(np.float64))
+            z = head(norm(moved)).numpy().astype(np.float64)
+            return _log_softmax(z if cap is None else cap * np.tanh(z / cap))
 
         for j in range(num_layers):
             own = log_q(j, j)

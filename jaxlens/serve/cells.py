@@ -5,10 +5,10 @@ A cell is one (layer, position). For the page we never need the `[L + 1, T, V]` 
 on the host (at 64 tokens of SmolLM2 they are 390 MB), only per cell: the entropy, the next-token
 cross-entropy, KL(model output || lens), the rank of the next token, the top probability, and the
 top-k tokens with their probabilities. `lens_cells` computes them a few layers at a time in a
-`lax.scan` (`layers_per_matmul`: about `MATMUL_ROWS` rows of `[rows, V]` logits at once) with
-the library's own pieces: the lens's translators and decoder, and `metrics.softmax_stats`. The
-model's own output is the last row, as in `trajectory_lib.PredictionTrajectory`, whose float64
-host statistics these match.
+`lax.scan` (`metrics.blocks_per_matmul`: about `metrics.MATMUL_ROWS` rows of `[rows, V]` logits
+at once) with the library's own pieces: the lens's translators and decoder, and
+`metrics.softmax_stats`. The model's own output is the last row, as in
+`trajectory_lib.PredictionTrajectory`, whose float64 host statistics these match.
 
 The logit lens is passed as an untrained `TunedLens` (zero translators: exactly the logit lens,
 see `lens.py`), so both lenses share one compiled program per sequence length. Callers pad the
@@ -26,12 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxlens.lens import TunedLens
-from jaxlens.metrics import softmax_stats
+from jaxlens.metrics import blocks_per_matmul, softmax_stats
 
 TOP_K_BLOCK = 128  # vocabulary entries per block in the exact two-stage top-k below
-# Rows per unembedding matmul: layers are decoded a few at a time, so that each [rows, V] matmul
-# is tall enough to run near the CPU's peak (one layer of a 64-token text is 64 rows).
-MATMUL_ROWS = 1024
 
 
 class Cells(NamedTuple):
@@ -99,13 +96,6 @@ def _cell_numbers(z_gtv, targets_t, p_tv, neg_entropy_p_t, k):
     )
 
 
-def layers_per_matmul(num_layers: int, tokens: int, rows: int = MATMUL_ROWS) -> int:
-    """How many layers share one unembedding matmul: the largest divisor of `num_layers` whose
-    `layers * tokens` rows stay within `rows` (at least 1)."""
-    fits = max(1, rows // tokens)
-    return max(g for g in range(1, num_layers + 1) if num_layers % g == 0 and g <= fits)
-
-
 @functools.partial(jax.jit, static_argnames=("apply", "k"))
 def lens_cells(apply, params, lens: TunedLens, ids_bt: jax.Array, *, k: int) -> Cells:
     """All cells of one sequence under one lens, in one compiled call.
@@ -134,7 +124,8 @@ def lens_cells(apply, params, lens: TunedLens, ids_bt: jax.Array, *, k: int) -> 
         return None, _cell_numbers(z_gtv, targets_t, p_tv, neg_entropy_p_t, k)
 
     num_layers, tokens, d = h_ltd.shape
-    g = layers_per_matmul(num_layers, tokens)
+    # Layers are decoded a few at a time: one layer of a 64-token text is only 64 rows.
+    g = blocks_per_matmul(num_layers, tokens)
     layers_ng = jnp.arange(num_layers).reshape(-1, g)
     _, rows = jax.lax.scan(layer_group, None, (h_ltd.reshape(-1, g, tokens, d), layers_ng))
     output_row = _cell_numbers(model_z_tv[None], targets_t, p_tv, neg_entropy_p_t, k)
