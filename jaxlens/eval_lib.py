@@ -31,15 +31,28 @@ from jaxlens.sharding import (
 )
 
 
-def make_eval_step(model: SubjectModel, *, chunk_tokens: int = 128, layer_transfer=False):
-    """`eval_step(translators, model_params, ids_bt)` -> per-layer metrics of both lenses."""
+def make_eval_step(
+    model: SubjectModel,
+    *,
+    chunk_tokens: int = 128,
+    layer_transfer: bool = False,
+    logit_stats: bool = False,
+):
+    """`eval_step(translators, model_params, ids_bt)` -> per-layer metrics of both lenses (with
+    `logit_stats`, also each lens's mean distribution: `lenses_metrics`'s marginals)."""
 
     def eval_step(translators, model_params, ids_bt):
         hidden = model.apply(model_params, ids_bt).hidden_lbtd
         decoder = model.decoder(model_params)
         metrics = {}
         per_lens = lenses_metrics(
-            decoder, (None, translators), hidden[:-1], hidden[-1], ids_bt, chunk_tokens=chunk_tokens
+            decoder,
+            (None, translators),
+            hidden[:-1],
+            hidden[-1],
+            ids_bt,
+            chunk_tokens=chunk_tokens,
+            marginals=logit_stats,
         )
         for name, per_layer in zip(("logit", "tuned"), per_lens, strict=True):
             metrics.update({f"{name}/{k}": v for k, v in per_layer.items()})
@@ -63,6 +76,7 @@ def evaluate(
     chunk_tokens: int = 128,
     model_params=None,
     layer_transfer: bool = False,
+    logit_stats: bool = False,
     mesh: Mesh | None = None,
     shard_model_params: bool = False,
 ) -> dict:
@@ -83,6 +97,9 @@ def evaluate(
       model_params: the parameters to use (default: the model's own).
       layer_transfer: also apply every translator to every layer (L^2 unembeddings per token);
         reported in the tuned-lens files under "tuned" -> "layer_transfer".
+      logit_stats: also each lens's distribution at each layer, and the model's, averaged over
+        every position (tuned-lens's `--record_logit_stats`): `result["logit_stats"]`, nested as
+        its `logit_stats.json`.
       mesh: a ("data", "model") mesh (default: all devices on "data").
       shard_model_params: split the frozen weights over "model" (`model_param_shardings`).
     Returns:
@@ -95,7 +112,12 @@ def evaluate(
     translator_shardings = bank_shardings(mesh, translators)
     batch_size, spec = _batch_layout(len(sequences_nt), batch_size, mesh.shape["data"])
     step = jax.jit(
-        make_eval_step(model, chunk_tokens=chunk_tokens, layer_transfer=layer_transfer),
+        make_eval_step(
+            model,
+            chunk_tokens=chunk_tokens,
+            layer_transfer=layer_transfer,
+            logit_stats=logit_stats,
+        ),
         in_shardings=(translator_shardings, param_shardings, NamedSharding(mesh, spec)),
         out_shardings=NamedSharding(mesh, P()),
     )
@@ -103,12 +125,16 @@ def evaluate(
     translators = put(translators, translator_shardings)
     block, num_blocks = process_row_block(mesh, spec, (batch_size, sequences_nt.shape[1]))
     rows = batch_size // num_blocks
-    per_batch = []
+    per_batch, marginal_sums = [], {}
     for start in range(0, len(sequences_nt) - batch_size + 1, batch_size):
         mine = start + block * rows
         ids = global_batch(sequences_nt[mine : mine + rows], mesh, spec)
         metrics = jax.device_get(step(translators, params, ids))
-        per_batch.append(jax.tree.map(lambda x: np.asarray(x, np.float64), metrics))
+        metrics = jax.tree.map(lambda x: np.asarray(x, np.float64), metrics)
+        # [L, V] per lens: summed here rather than kept per batch (they are not in batches.jsonl).
+        for key in [k for k in metrics if k.endswith("marginal")]:
+            marginal_sums[key] = marginal_sums.get(key, 0.0) + metrics.pop(key)
+        per_batch.append(metrics)
     means = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *per_batch)
     result = {"tokens": int(len(per_batch) * batch_size * sequences_nt.shape[1])}
     for name in ("logit", "tuned"):
@@ -124,6 +150,9 @@ def evaluate(
         "entropy_bpb": float(means["logit/baseline_entropy"] * nats_to_bpb),
     }
     result["batches"] = [eval_report.tuned_lens_format(m, nats_to_bpb) for m in per_batch]
+    if logit_stats:  # equal batches: the mean of their means is the mean over every position
+        marginals = {key: total / len(per_batch) for key, total in marginal_sums.items()}
+        result["logit_stats"] = eval_report.tuned_lens_logit_stats(marginals)
     return result
 
 
@@ -138,7 +167,13 @@ def _batch_layout(num_sequences: int, batch_size: int, data: int) -> tuple[int, 
 
 
 def evaluate_lens(
-    config, lens_source: str, out_dir, *, tokens: int = 0, layer_transfer: bool = False
+    config,
+    lens_source: str,
+    out_dir,
+    *,
+    tokens: int = 0,
+    layer_transfer: bool = False,
+    record_logit_stats: bool = False,
 ) -> dict:
     """Evaluates a lens on the held-out split of `config`'s data; writes tuned-lens-style files.
 
@@ -148,6 +183,8 @@ def evaluate_lens(
       out_dir: where `aggregate_metrics.json`, `batches.jsonl`, `eval.json`, `eval.png` go.
       tokens: evaluate on this many held-out tokens (0 = all of them).
       layer_transfer: also write the translator-i-on-layer-j matrices.
+      record_logit_stats: also write `logit_stats.json`, each lens's mean distribution per layer
+        and the model's (tuned-lens's `--record_logit_stats`).
     """
     setup = job.setup(config, training=False)
     model, heldout = setup.model, setup.heldout
@@ -171,6 +208,7 @@ def evaluate_lens(
         batch_size=config.eval_batch_size,
         chunk_tokens=config.eval_chunk_tokens,
         layer_transfer=layer_transfer,
+        logit_stats=record_logit_stats,
         mesh=setup.mesh,
         shard_model_params=config.mesh.shard_model_params,
     )

@@ -41,6 +41,22 @@ def tuned_lens_format(means: dict, nats_to_bpb: float) -> dict:
     return out
 
 
+def tuned_lens_logit_stats(marginals: dict) -> dict:
+    """Mean distributions nested as tuned-lens's `logit_stats.json`: lens type -> "logit_stats"
+    -> `layer_i` -> `[V]` probabilities, and `baseline` -> "logit_stats" -> `final`, from
+    `{"<lens>/marginal": [L, V], "logit/baseline_marginal": [V]}`."""
+    out = {
+        name: {
+            "logit_stats": {
+                f"layer_{i}": row.tolist() for i, row in enumerate(marginals[f"{name}/marginal"])
+            }
+        }
+        for name in ("logit", "tuned")
+    }
+    out["baseline"] = {"logit_stats": {"final": marginals["logit/baseline_marginal"].tolist()}}
+    return out
+
+
 def aggregate(result: dict) -> dict:
     """tuned-lens's `aggregate_metrics.json` of an `evaluate` result (mean over batches)."""
     batches = result["batches"]
@@ -79,10 +95,14 @@ def plot_curves(result: dict, path) -> None:
 
 
 def write_files(result: dict, out: pathlib.Path) -> None:
-    """`aggregate_metrics.json` and `batches.jsonl` as tuned-lens writes them, plus the whole
-    result as `eval.json` and its curves as `eval.png`."""
+    """`aggregate_metrics.json`, `batches.jsonl` (and `logit_stats.json` when recorded) as
+    tuned-lens writes them, plus the rest of the result as `eval.json` and its curves as
+    `eval.png`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "aggregate_metrics.json").write_text(json.dumps(aggregate(result)))
     (out / "batches.jsonl").write_text("".join(json.dumps(b) + "\n" for b in result["batches"]))
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    rest = dict(result)
+    if "logit_stats" in rest:
+        (out / "logit_stats.json").write_text(json.dumps(rest.pop("logit_stats")))
+    (out / "eval.json").write_text(json.dumps(rest, indent=1))
     plot_curves(result, out / "eval.png")

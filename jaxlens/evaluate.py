@@ -1,8 +1,9 @@
 """Evaluates a lens on held-out text: `python -m jaxlens.evaluate --config --lens --out`.
 
-Writes tuned-lens's `aggregate_metrics.json` and `batches.jsonl` (plus `eval.json`, `eval.png`)
-to `--out`. The lens is a jaxlens workdir, a tuned-lens lens directory or id, or "logit". Only
-parses flags; the job is `eval_lib.evaluate_lens`.
+Writes tuned-lens's `aggregate_metrics.json` and `batches.jsonl` (and with `--record_logit_stats`
+its `logit_stats.json`; plus `eval.json`, `eval.png`) to `--out`. The lens is a jaxlens workdir,
+a tuned-lens lens directory or id, or "logit". Only parses flags; the job is
+`eval_lib.evaluate_lens`.
 """
 
 from absl import flags
@@ -24,6 +25,12 @@ _TOKENS = flags.DEFINE_integer(
 _TRANSFER = flags.DEFINE_bool(
     "layer_transfer", False, "Also translator i on layer j.", flag_values=FLAGS
 )
+_LOGIT_STATS = flags.DEFINE_bool(
+    "record_logit_stats",
+    False,
+    "Also write logit_stats.json: each lens's mean distribution per layer, and the model's.",
+    flag_values=FLAGS,
+)
 flags.mark_flags_as_required(["config", "lens", "out"], flag_values=FLAGS)
 
 
@@ -37,6 +44,7 @@ def job(values) -> None:
         _OUT.value,
         tokens=_TOKENS.value,
         layer_transfer=_TRANSFER.value,
+        record_logit_stats=_LOGIT_STATS.value,
     )
     print(eval_report.format_table(result))
 

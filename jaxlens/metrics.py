@@ -124,19 +124,26 @@ def layer_metrics(
     input_ids_bt: jax.Array,
     *,
     chunk_tokens: int = 2048,
+    marginals: bool = False,
 ) -> dict[str, jax.Array]:
     """Evaluation metrics of every layer of one lens (`lenses_metrics` of that lens alone).
 
     Args:
       decoder: the model's final norm and unembedding.
       translators: the tuned lens's bank, or None for the logit lens.
-      h_lbtd, h_final_btd, input_ids_bt, chunk_tokens: see `lenses_metrics`.
+      h_lbtd, h_final_btd, input_ids_bt, chunk_tokens, marginals: see `lenses_metrics`.
     Returns:
-      `{"kl": [L], "ce": [L], "entropy": [L], "baseline_ce": [], "baseline_entropy": []}`, as
-      `lenses_metrics` returns for each lens.
+      `{"kl": [L], "ce": [L], "entropy": [L], "baseline_ce": [], "baseline_entropy": []}` (and
+      the marginals), as `lenses_metrics` returns for each lens.
     """
     return lenses_metrics(
-        decoder, (translators,), h_lbtd, h_final_btd, input_ids_bt, chunk_tokens=chunk_tokens
+        decoder,
+        (translators,),
+        h_lbtd,
+        h_final_btd,
+        input_ids_bt,
+        chunk_tokens=chunk_tokens,
+        marginals=marginals,
     )[0]
 
 
@@ -167,10 +174,14 @@ def _reference(decoder: Decoder, x_cd: jax.Array, labels_c: jax.Array) -> _Refer
 
 
 def _stats_and_kl(
-    decoder: Decoder, x_ncd: jax.Array, labels_c: jax.Array, reference: _Reference
+    decoder: Decoder,
+    x_ncd: jax.Array,
+    z_ncv: jax.Array,
+    labels_c: jax.Array,
+    reference: _Reference,
 ) -> tuple[SoftmaxStats, jax.Array]:
-    """Softmax statistics of `n` lenses' normalised vectors `x_ncd` and their KL(p || q) `[n, c]`
-    from the reference p.
+    """Softmax statistics of `n` lenses' logits `z_ncv = decoder.unembed(x_ncd)` and their
+    KL(p || q) `[n, c]` from the reference p.
 
     When the logits are affine in the normalised vector (`Decoder.linear_logits`), the KL takes
     no pass over the vocabulary of its own: for lens logits z = x W + b and reference logits
@@ -178,7 +189,6 @@ def _stats_and_kl(
     `(x - x_p) . (W^T p)`. The bias cancels exactly and the two log-sum-exps are subtracted peak
     from peak, so large logits cost no digits. Other heads (soft-capped) sum p (z - peak).
     """
-    z_ncv = decoder.unembed(x_ncd)
     if not decoder.linear_logits:
         stats = softmax_stats(z_ncv, labels_c, reference.p_cv)
         return stats, -reference.stats.entropy - stats.cross
@@ -205,6 +215,7 @@ def lenses_metrics(
     input_ids_bt: jax.Array,
     *,
     chunk_tokens: int = 2048,
+    marginals: bool = False,
 ) -> tuple[dict[str, jax.Array], ...]:
     """Evaluation metrics of every layer of several lenses from one pass (no gradients).
 
@@ -220,11 +231,16 @@ def lenses_metrics(
       h_final_btd: the model's last hidden state `[b, t, d]` (already final-normed).
       input_ids_bt: token ids `[b, t]`; position i's label is token i + 1.
       chunk_tokens: tokens per chunk; `[len(lenses) * chunk, V]` is the largest array built.
+      marginals: also average each layer's lens distribution over tokens (tuned-lens's
+        `--record_logit_stats`): one more vector-matrix product per lens and layer (about 5% of
+        a SmolLM2 evaluation step on a CPU).
     Returns:
       for each lens, `{"kl": [L], "ce": [L], "entropy": [L], "baseline_ce": [],
       "baseline_entropy": []}` in nats, averaged over tokens: kl is KL(model output || lens) at
       every position, ce the next-token cross-entropy (all positions but the last), entropy the
       lens distribution's; the baseline entries are the model's own cross-entropy and entropy.
+      With `marginals`, also `"marginal": [L, V]` and `"baseline_marginal": [V]`: the mean over
+      every position of the lens's and of the model's probabilities.
     """
     num_layers, batch, tokens, d = h_lbtd.shape
     n = batch * tokens
@@ -247,31 +263,57 @@ def lenses_metrics(
 
         def one_layer(_, layer_xs):
             h_cd, banks_xs = layer_xs
-            stats, kl_nc = _stats_and_kl(decoder, lensed_ncd(h_cd, banks_xs), labels_c, model)
-            sums_n3 = jnp.stack(
-                [kl_nc @ weight_c, stats.ce @ next_weight_c, stats.entropy @ weight_c], axis=-1
-            )
-            return None, sums_n3
+            x_ncd = lensed_ncd(h_cd, banks_xs)
+            z_ncv = decoder.unembed(x_ncd)
+            stats, kl_nc = _stats_and_kl(decoder, x_ncd, z_ncv, labels_c, model)
+            sums = {
+                "lensed_n3": jnp.stack(
+                    [kl_nc @ weight_c, stats.ce @ next_weight_c, stats.entropy @ weight_c], axis=-1
+                )
+            }
+            if marginals:
+                # q = e / total with e = exp(z - peak), the array `softmax_stats` already formed
+                # (XLA computes it once); one vector-matrix product per lens.
+                e_ncv = jnp.exp(z_ncv - stats.peak[..., None])
+                w_nc = weight_c * jnp.exp(-stats.log_total)
+                sums["lensed_nv"] = jnp.stack(
+                    [w_c @ e_cv for w_c, e_cv in zip(w_nc, e_ncv, strict=True)]
+                )
+            return None, sums
 
-        _, sums_ln3 = jax.lax.scan(one_layer, None, (h_lcd, banks))
-        base = jnp.stack([model.stats.ce @ next_weight_c, model.stats.entropy @ weight_c])
-        return jax.tree.map(jnp.add, totals, (sums_ln3, base)), None
+        _, sums = jax.lax.scan(one_layer, None, (h_lcd, banks))  # each `[L, ...]`
+        sums["model_2"] = jnp.stack(
+            [model.stats.ce @ next_weight_c, model.stats.entropy @ weight_c]
+        )
+        if marginals:
+            sums["model_v"] = weight_c @ model.p_cv
+        return jax.tree.map(jnp.add, totals, sums), None
 
-    zeros = (jnp.zeros((num_layers, len(lenses), 3), jnp.float32), jnp.zeros(2, jnp.float32))
-    (sums_ln3, base), _ = jax.lax.scan(
-        one_chunk, zeros, (h_chunks, final, labels, weights, next_weights)
+    vocab = decoder.vocab_size
+    zeros = {"lensed_n3": (num_layers, len(lenses), 3), "model_2": (2,)}
+    if marginals:
+        zeros |= {"lensed_nv": (num_layers, len(lenses), vocab), "model_v": (vocab,)}
+    totals, _ = jax.lax.scan(
+        one_chunk,
+        {key: jnp.zeros(shape, jnp.float32) for key, shape in zeros.items()},
+        (h_chunks, final, labels, weights, next_weights),
     )
+    sums_ln3, base = totals["lensed_n3"], totals["model_2"]
     with_next = batch * (tokens - 1)
-    return tuple(
-        {
+    per_lens = []
+    for i in range(len(lenses)):
+        metrics = {
             "kl": sums_ln3[:, i, 0] / n,
             "ce": sums_ln3[:, i, 1] / with_next,
             "entropy": sums_ln3[:, i, 2] / n,
             "baseline_ce": base[0] / with_next,
             "baseline_entropy": base[1] / n,
         }
-        for i in range(len(lenses))
-    )
+        if marginals:
+            metrics["marginal"] = totals["lensed_nv"][:, i] / n
+            metrics["baseline_marginal"] = totals["model_v"] / n
+        per_lens.append(metrics)
+    return tuple(per_lens)
 
 
 def transfer_metrics(
@@ -317,7 +359,7 @@ def transfer_metrics(
 
             def translator_group(_, group_xs):  # `group` translators, one matmul
                 x_gcd = decoder.final_norm(translate_each(*group_xs, h_cd))
-                moved, kl_gc = _stats_and_kl(decoder, x_gcd, labels_c, own)
+                moved, kl_gc = _stats_and_kl(decoder, x_gcd, decoder.unembed(x_gcd), labels_c, own)
                 return None, jnp.stack([moved.ce @ next_weight_c, kl_gc @ weight_c], axis=-1)
 
             _, sums_ng2 = jax.lax.scan(translator_group, None, groups)

@@ -61,6 +61,64 @@ def test_evaluate_command_writes_tuned_lens_metrics_equal_to_tuned_lens_own_logi
                 assert saved["logit"][name][f"layer_{i}"] == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
+def test_recorded_logit_stats_equal_tuned_lens_logit_stats_of_its_own_lenses(
+    tiny_lm, tokenizer, text_dir, tmp_path
+):
+    """`--record_logit_stats` against tuned-lens's `LogitStats`, fed as its eval loop feeds it:
+    each batch's log-probabilities of tuned-lens's own logit lens and of the jaxlens lens file
+    loaded in tuned-lens, over all 256 held-out tokens (two batches)."""
+    import transformers
+    from tuned_lens.nn.lenses import LogitLens as TorchLogitLens
+    from tuned_lens.nn.lenses import TunedLens as TorchTunedLens
+    from tuned_lens.stats import LogitStats
+
+    from jaxlens import data as data_lib
+
+    model = load_model(tiny_lm)
+    translators = tiny_models.random_translators(model.num_layers, model.d_model, seed=5)
+    lens_dir = lens_io.save_lens(tmp_path / "lens", translators, model)
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    evaluate_lens(config, str(lens_dir), tmp_path / "out", record_logit_stats=True)
+    saved = json.loads((tmp_path / "out" / "logit_stats.json").read_text())
+    assert "logit_stats" not in json.loads((tmp_path / "out" / "eval.json").read_text())
+
+    corpus = data_lib.tokenize_corpus(
+        data_lib.load_texts(str(text_dir)), tokenizer, config.data.seq_len
+    )
+    _, heldout = data_lib.split_heldout(
+        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
+    )
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    lenses = {
+        "logit": TorchLogitLens.from_model(torch_model),
+        "tuned": TorchTunedLens.from_model_and_pretrained(torch_model, lens_dir),
+    }
+    recorders = {(name, i): LogitStats() for name in lenses for i in range(model.num_layers)}
+    final = LogitStats()
+    with torch.no_grad():
+        for batch in heldout.chunks.reshape(-1, config.eval_batch_size, config.data.seq_len):
+            out = torch_model(torch.tensor(batch.astype(np.int64)), output_hidden_states=True)
+            final.update(out.logits.log_softmax(-1), assume_normalized=True)
+            for i, h in enumerate(out.hidden_states[:-1]):
+                for name, lens in lenses.items():
+                    lps = lens(h, idx=i).log_softmax(-1)
+                    recorders[name, i].update(lps, assume_normalized=True)
+    assert set(saved) == {"logit", "tuned", "baseline"}
+    for (name, i), recorder in recorders.items():
+        np.testing.assert_allclose(
+            saved[name]["logit_stats"][f"layer_{i}"],
+            recorder.marginal_probs.numpy(),
+            rtol=1e-4,
+            atol=1e-9,
+        )
+    np.testing.assert_allclose(
+        saved["baseline"]["logit_stats"]["final"], final.marginal_probs.numpy(), rtol=1e-4
+    )
+    assert saved["tuned"]["logit_stats"]["layer_0"] != saved["logit"]["logit_stats"]["layer_0"]
+
+
 def test_a_token_budget_larger_than_the_data_is_refused(tiny_lm, text_dir, tmp_path):
 
     config = tiny.get_config()
@@ -90,7 +148,8 @@ def test_layer_transfer_files_nest_as_tuned_lens_and_agree_with_the_layer_metric
 
 
 def test_evaluation_sharded_over_four_devices_equals_one_device(tiny_lm, text_dir, tmp_path):
-    """The command on a 2x2 mesh (bank and frozen weights split over "model") vs one device."""
+    """The command on a 2x2 mesh (bank and frozen weights split over "model") vs one device,
+    with `--record_logit_stats`."""
 
     model = load_model(tiny_lm)
     translators = tiny_models.random_translators(model.num_layers, model.d_model, seed=3)
@@ -98,7 +157,7 @@ def test_evaluation_sharded_over_four_devices_equals_one_device(tiny_lm, text_di
     config = tiny.get_config()
     config.model.source = str(tiny_lm)
     config.data.source = str(text_dir)
-    evaluate_lens(config, str(lens_dir), tmp_path / "one")
+    evaluate_lens(config, str(lens_dir), tmp_path / "one", record_logit_stats=True)
     repo = pathlib.Path(__file__).resolve().parents[1]
     subprocess.run(
         [
@@ -113,6 +172,7 @@ def test_evaluation_sharded_over_four_devices_equals_one_device(tiny_lm, text_di
             "--config.mesh.shard_model_params=True",
             f"--lens={lens_dir}",
             f"--out={tmp_path / 'four'}",
+            "--record_logit_stats",
         ],
         cwd=repo,
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
@@ -126,3 +186,12 @@ def test_evaluation_sharded_over_four_devices_equals_one_device(tiny_lm, text_di
             for layer, value in one[lens][metric].items():
                 assert four[lens][metric][layer] == pytest.approx(value, rel=1e-5, abs=1e-6)
     assert one["tuned"]["kl"] != one["logit"]["kl"]  # the lens is not the identity
+    one, four = (
+        json.loads((tmp_path / run / "logit_stats.json").read_text()) for run in ("one", "four")
+    )
+    assert one.keys() == four.keys()
+    for lens in one:
+        for layer, probs in one[lens]["logit_stats"].items():
+            np.testing.assert_allclose(
+                four[lens]["logit_stats"][layer], probs, rtol=1e-5, atol=1e-9
+            )

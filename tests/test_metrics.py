@@ -25,7 +25,8 @@ def _log_softmax(z):
 def test_layer_metrics_equal_numpy_on_pytorch_logits(tmp_path, family, lens, chunk):
     """The tuned lens, and the logit lens (no bank at all), against float64 numpy maths. GPT-J's
     logits are affine (`x W + b`), so its KL comes from `lenses_metrics`'s shortcut; Gemma-2
-    soft-caps them, so its KL is summed over the vocabulary."""
+    soft-caps them, so its KL is summed over the vocabulary. Marginals: the mean distribution
+    over every position (chunks of 5 pad the 24 positions to 25; the padding is weighted out)."""
     torch_model = tiny_models.build(family, seed=21)
     cap = torch_model.config.to_dict().get("final_logit_softcapping")
     model = load_model(tiny_models.save(torch_model, tmp_path))
@@ -42,6 +43,7 @@ def test_layer_metrics_equal_numpy_on_pytorch_logits(tmp_path, family, lens, chu
         hidden[-1],
         jnp.asarray(ids),
         chunk_tokens=chunk,
+        marginals=True,
     )
 
     with torch.no_grad():
@@ -60,6 +62,9 @@ def test_layer_metrics_equal_numpy_on_pytorch_logits(tmp_path, family, lens, chu
             np.testing.assert_allclose(got["kl"][layer], kl, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(got["ce"][layer], ce, rtol=1e-5)
             np.testing.assert_allclose(got["entropy"][layer], entropy, rtol=1e-5)
+            marginal = np.exp(log_q).mean((0, 1))  # over every position, as tuned-lens's
+            np.testing.assert_allclose(got["marginal"][layer], marginal, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(got["baseline_marginal"], np.exp(log_p).mean((0, 1)), rtol=1e-5)
     base_ce = -np.take_along_axis(log_p[:, :-1], ids[:, 1:, None], -1).mean()
     base_entropy = -(np.exp(log_p) * log_p).sum(-1).mean()
     np.testing.assert_allclose(got["baseline_ce"], base_ce, rtol=1e-5)
