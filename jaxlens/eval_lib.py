@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlens import eval_report, job, lens_io
 from jaxlens.lens import Translators
-from jaxlens.metrics import lenses_metrics, transfer_metrics
+from jaxlens.metrics import labelled_positions, lenses_metrics, transfer_metrics
 from jaxlens.models import SubjectModel
 from jaxlens.sharding import (
     bank_shardings,
@@ -35,11 +35,13 @@ def make_eval_step(
     model: SubjectModel,
     *,
     chunk_tokens: int = 128,
+    token_shift: int = 1,
     layer_transfer: bool = False,
     logit_stats: bool = False,
 ):
     """`eval_step(translators, model_params, ids_bt)` -> per-layer metrics of both lenses (with
-    `logit_stats`, also each lens's mean distribution: `lenses_metrics`'s marginals)."""
+    `logit_stats`, also each lens's mean distribution: `lenses_metrics`'s marginals; labels
+    `token_shift` positions away, as there)."""
 
     def eval_step(translators, model_params, ids_bt):
         hidden = model.apply(model_params, ids_bt).hidden_lbtd
@@ -52,13 +54,19 @@ def make_eval_step(
             hidden[-1],
             ids_bt,
             chunk_tokens=chunk_tokens,
+            token_shift=token_shift,
             marginals=logit_stats,
         )
         for name, per_layer in zip(("logit", "tuned"), per_lens, strict=True):
             metrics.update({f"{name}/{k}": v for k, v in per_layer.items()})
         if layer_transfer:  # translator i on layer j, for the tuned lens (trivial for logit)
             transfer = transfer_metrics(
-                decoder, translators, hidden[:-1], ids_bt, chunk_tokens=chunk_tokens
+                decoder,
+                translators,
+                hidden[:-1],
+                ids_bt,
+                chunk_tokens=chunk_tokens,
+                token_shift=token_shift,
             )
             metrics.update({f"tuned/transfer_{k}": v for k, v in transfer.items()})
         return metrics
@@ -75,6 +83,7 @@ def evaluate(
     batch_size: int = 4,
     chunk_tokens: int = 128,
     model_params=None,
+    token_shift: int = 1,
     layer_transfer: bool = False,
     logit_stats: bool = False,
     mesh: Mesh | None = None,
@@ -95,6 +104,8 @@ def evaluate(
         "data" size when there are enough sequences (the last partial batch is dropped unless it
         is the only one).
       model_params: the parameters to use (default: the model's own).
+      token_shift: the cross-entropies' labels: position i's is token i + token_shift (1: the
+        next token, as tuned-lens's evaluation defaults to; 0: the same token).
       layer_transfer: also apply every translator to every layer (L^2 unembeddings per token);
         reported in the tuned-lens files under "tuned" -> "layer_transfer".
       logit_stats: also each lens's distribution at each layer, and the model's, averaged over
@@ -115,6 +126,7 @@ def evaluate(
         make_eval_step(
             model,
             chunk_tokens=chunk_tokens,
+            token_shift=token_shift,
             layer_transfer=layer_transfer,
             logit_stats=logit_stats,
         ),
@@ -172,6 +184,7 @@ def evaluate_lens(
     out_dir,
     *,
     tokens: int = 0,
+    token_shift: int = 1,
     layer_transfer: bool = False,
     record_logit_stats: bool = False,
 ) -> dict:
@@ -182,10 +195,12 @@ def evaluate_lens(
       lens_source: a jaxlens workdir, a tuned-lens lens directory (or id), or "logit".
       out_dir: where `aggregate_metrics.json`, `batches.jsonl`, `eval.json`, `eval.png` go.
       tokens: evaluate on this many held-out tokens (0 = all of them).
+      token_shift: the cross-entropies' label shift (see `evaluate`).
       layer_transfer: also write the translator-i-on-layer-j matrices.
       record_logit_stats: also write `logit_stats.json`, each lens's mean distribution per layer
         and the model's (tuned-lens's `--record_logit_stats`).
     """
+    labelled_positions(config.data.seq_len, token_shift)  # refused before the model loads
     setup = job.setup(config, training=False)
     model, heldout = setup.model, setup.heldout
     available = heldout.chunks.size
@@ -207,6 +222,7 @@ def evaluate_lens(
         nats_to_bpb=heldout.nats_to_bpb,
         batch_size=config.eval_batch_size,
         chunk_tokens=config.eval_chunk_tokens,
+        token_shift=token_shift,
         layer_transfer=layer_transfer,
         logit_stats=record_logit_stats,
         mesh=setup.mesh,

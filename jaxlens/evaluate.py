@@ -22,6 +22,12 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.", flag_values=FLAGS)
 _TOKENS = flags.DEFINE_integer(
     "tokens", 0, "Held-out tokens to evaluate on (0 = all).", lower_bound=0, flag_values=FLAGS
 )
+_TOKEN_SHIFT = flags.DEFINE_integer(
+    "token_shift",
+    1,
+    "Cross-entropy labels: position i's is token i + token_shift (1: next token; 0: same token).",
+    flag_values=FLAGS,
+)
 _TRANSFER = flags.DEFINE_bool(
     "layer_transfer", False, "Also translator i on layer j.", flag_values=FLAGS
 )
@@ -43,6 +49,7 @@ def job(values) -> None:
         _LENS.value,
         _OUT.value,
         tokens=_TOKENS.value,
+        token_shift=_TOKEN_SHIFT.value,
         layer_transfer=_TRANSFER.value,
         record_logit_stats=_LOGIT_STATS.value,
     )

@@ -1,8 +1,9 @@
 """Evaluation statistics of every layer's lens, computed in token chunks without gradients.
 
 For each layer's lens distribution q (the logit lens: `softmax(decode(h_l))`; the tuned lens:
-`softmax(decode(translate(h_l)))`) and the model's own output p: KL(p || q), the next-token
-cross-entropy of q and its entropy, averaged over tokens, plus the model's own cross-entropy and
+`softmax(decode(translate(h_l)))`) and the model's own output p: KL(p || q), the cross-entropy
+of q against the next token (or the token `token_shift` positions away, as tuned-lens's
+evaluation allows) and its entropy, averaged over tokens, plus the model's own cross-entropy and
 entropy as a baseline. As in `losses`, `[L, tokens, vocab]` never exists: each chunk's logits are
 built one layer at a time. Every statistic is computed from max-shifted logits, so large logits
 cost no digits.
@@ -32,23 +33,38 @@ def blocks_per_matmul(count: int, rows_each: int, rows: int = MATMUL_ROWS) -> in
     return max(g for g in range(1, count + 1) if count % g == 0 and g <= fits)
 
 
-def _evaluation_chunks(h_lbtd, input_ids_bt, chunk):
-    """Chunked `(h [k, L, c, d], next-token labels, weights, has-next weights)` for evaluation.
+def labelled_positions(tokens: int, token_shift: int) -> int:
+    """How many of a sequence's positions have a label `token_shift` positions away (position i's
+    label is token i + token_shift); refuses a shift that leaves none."""
+    if not -tokens < token_shift < tokens:
+        raise ValueError(
+            f"token_shift={token_shift} leaves no label in sequences of {tokens} tokens; use a "
+            f"shift between {1 - tokens} and {tokens - 1} (1: the next token)."
+        )
+    return tokens - abs(token_shift)
 
-    Every position is kept (KL and entropy use all of them); the next-token label of the last
-    position is a placeholder with weight 0 in the has-next weights.
+
+def _evaluation_chunks(h_lbtd, input_ids_bt, chunk, token_shift):
+    """Chunked `(h [k, L, c, d], labels, weights, labelled weights)` for evaluation.
+
+    Every position is kept (KL and entropy use all of them); position i's label is token
+    i + token_shift, and where that is outside the sequence the label is a placeholder with
+    weight 0 in the labelled weights.
     """
     num_layers, batch, tokens, d = h_lbtd.shape
     n = batch * tokens
-    next_bt = jnp.concatenate([input_ids_bt[:, 1:], input_ids_bt[:, :1]], axis=1)
-    has_next_bt = jnp.broadcast_to(jnp.arange(tokens) < tokens - 1, (batch, tokens))
+    labelled_positions(tokens, token_shift)
+    source_t = jnp.arange(tokens) + token_shift
+    labelled_t = (source_t >= 0) & (source_t < tokens)
+    labels_bt = input_ids_bt[:, jnp.clip(source_t, 0, tokens - 1)]
+    labelled_bt = jnp.broadcast_to(labelled_t, (batch, tokens))
     return (
         jax.vmap(lambda h_nd: pad_to_chunks(h_nd, chunk), out_axes=1)(
             h_lbtd.reshape(num_layers, n, d)
         ),
-        pad_to_chunks(next_bt.reshape(n), chunk),
+        pad_to_chunks(labels_bt.reshape(n), chunk),
         pad_to_chunks(jnp.ones(n, jnp.float32), chunk),
-        pad_to_chunks(has_next_bt.reshape(n).astype(jnp.float32), chunk),
+        pad_to_chunks(labelled_bt.reshape(n).astype(jnp.float32), chunk),
     )
 
 
@@ -124,6 +140,7 @@ def layer_metrics(
     input_ids_bt: jax.Array,
     *,
     chunk_tokens: int = 2048,
+    token_shift: int = 1,
     marginals: bool = False,
 ) -> dict[str, jax.Array]:
     """Evaluation metrics of every layer of one lens (`lenses_metrics` of that lens alone).
@@ -131,7 +148,8 @@ def layer_metrics(
     Args:
       decoder: the model's final norm and unembedding.
       translators: the tuned lens's bank, or None for the logit lens.
-      h_lbtd, h_final_btd, input_ids_bt, chunk_tokens, marginals: see `lenses_metrics`.
+      h_lbtd, h_final_btd, input_ids_bt, chunk_tokens, token_shift, marginals: see
+        `lenses_metrics`.
     Returns:
       `{"kl": [L], "ce": [L], "entropy": [L], "baseline_ce": [], "baseline_entropy": []}` (and
       the marginals), as `lenses_metrics` returns for each lens.
@@ -143,6 +161,7 @@ def layer_metrics(
         h_final_btd,
         input_ids_bt,
         chunk_tokens=chunk_tokens,
+        token_shift=token_shift,
         marginals=marginals,
     )[0]
 
@@ -215,6 +234,7 @@ def lenses_metrics(
     input_ids_bt: jax.Array,
     *,
     chunk_tokens: int = 2048,
+    token_shift: int = 1,
     marginals: bool = False,
 ) -> tuple[dict[str, jax.Array], ...]:
     """Evaluation metrics of every layer of several lenses from one pass (no gradients).
@@ -229,23 +249,27 @@ def lenses_metrics(
       lenses: for each lens, its translator bank, or None for the logit lens.
       h_lbtd: hidden states `[L, b, t, d]` of the lensed layers (the model's `hidden_lbtd[:-1]`).
       h_final_btd: the model's last hidden state `[b, t, d]` (already final-normed).
-      input_ids_bt: token ids `[b, t]`; position i's label is token i + 1.
+      input_ids_bt: token ids `[b, t]`.
       chunk_tokens: tokens per chunk; `[len(lenses) * chunk, V]` is the largest array built.
+      token_shift: position i's label is token i + token_shift (1: the next token; 0: the same
+        token; -1: the previous one, as tuned-lens's evaluation counts them).
       marginals: also average each layer's lens distribution over tokens (tuned-lens's
         `--record_logit_stats`): one more vector-matrix product per lens and layer (about 5% of
         a SmolLM2 evaluation step on a CPU).
     Returns:
       for each lens, `{"kl": [L], "ce": [L], "entropy": [L], "baseline_ce": [],
       "baseline_entropy": []}` in nats, averaged over tokens: kl is KL(model output || lens) at
-      every position, ce the next-token cross-entropy (all positions but the last), entropy the
-      lens distribution's; the baseline entries are the model's own cross-entropy and entropy.
-      With `marginals`, also `"marginal": [L, V]` and `"baseline_marginal": [V]`: the mean over
-      every position of the lens's and of the model's probabilities.
+      every position, ce the cross-entropy against the labels (the positions that have one),
+      entropy the lens distribution's; the baseline entries are the model's own cross-entropy
+      and entropy. With `marginals`, also `"marginal": [L, V]` and `"baseline_marginal": [V]`:
+      the mean over every position of the lens's and of the model's probabilities.
     """
     num_layers, batch, tokens, d = h_lbtd.shape
     n = batch * tokens
     chunk = min(chunk_tokens, n)
-    h_chunks, labels, weights, next_weights = _evaluation_chunks(h_lbtd, input_ids_bt, chunk)
+    h_chunks, labels, weights, label_weights = _evaluation_chunks(
+        h_lbtd, input_ids_bt, chunk, token_shift
+    )
     final = pad_to_chunks(h_final_btd.reshape(n, d), chunk)
     banks = tuple((t.kernel_ldd, t.bias_ld) for t in lenses if t is not None)
 
@@ -257,7 +281,7 @@ def lenses_metrics(
         return decoder.final_norm(jnp.stack(rows))
 
     def one_chunk(totals, xs):
-        h_lcd, final_cd, labels_c, weight_c, next_weight_c = xs
+        h_lcd, final_cd, labels_c, weight_c, label_weight_c = xs
         # The model's own distribution p, once per chunk for all layers and lenses.
         model = _reference(decoder, final_cd.astype(jnp.float32), labels_c)
 
@@ -268,7 +292,8 @@ def lenses_metrics(
             stats, kl_nc = _stats_and_kl(decoder, x_ncd, z_ncv, labels_c, model)
             sums = {
                 "lensed_n3": jnp.stack(
-                    [kl_nc @ weight_c, stats.ce @ next_weight_c, stats.entropy @ weight_c], axis=-1
+                    [kl_nc @ weight_c, stats.ce @ label_weight_c, stats.entropy @ weight_c],
+                    axis=-1,
                 )
             }
             if marginals:
@@ -283,7 +308,7 @@ def lenses_metrics(
 
         _, sums = jax.lax.scan(one_layer, None, (h_lcd, banks))  # each `[L, ...]`
         sums["model_2"] = jnp.stack(
-            [model.stats.ce @ next_weight_c, model.stats.entropy @ weight_c]
+            [model.stats.ce @ label_weight_c, model.stats.entropy @ weight_c]
         )
         if marginals:
             sums["model_v"] = weight_c @ model.p_cv
@@ -296,17 +321,17 @@ def lenses_metrics(
     totals, _ = jax.lax.scan(
         one_chunk,
         {key: jnp.zeros(shape, jnp.float32) for key, shape in zeros.items()},
-        (h_chunks, final, labels, weights, next_weights),
+        (h_chunks, final, labels, weights, label_weights),
     )
     sums_ln3, base = totals["lensed_n3"], totals["model_2"]
-    with_next = batch * (tokens - 1)
+    labelled = batch * labelled_positions(tokens, token_shift)
     per_lens = []
     for i in range(len(lenses)):
         metrics = {
             "kl": sums_ln3[:, i, 0] / n,
-            "ce": sums_ln3[:, i, 1] / with_next,
+            "ce": sums_ln3[:, i, 1] / labelled,
             "entropy": sums_ln3[:, i, 2] / n,
-            "baseline_ce": base[0] / with_next,
+            "baseline_ce": base[0] / labelled,
             "baseline_entropy": base[1] / n,
         }
         if marginals:
@@ -323,6 +348,7 @@ def transfer_metrics(
     input_ids_bt: jax.Array,
     *,
     chunk_tokens: int = 2048,
+    token_shift: int = 1,
 ) -> dict[str, jax.Array]:
     """Layer transfer: translator i applied to layer j's hidden states, for every pair.
 
@@ -333,14 +359,15 @@ def transfer_metrics(
     `MATMUL_ROWS` rows (`blocks_per_matmul`).
 
     Returns:
-      `{"ce": [L_i, L_j], "kl": [L_i, L_j]}` in nats, averaged over tokens: ce the next-token
-      cross-entropy of translator i on layer j, kl = KL(q_jj || q_ij), from layer j's own lens
-      distribution to the transferred one (zero on the diagonal).
+      `{"ce": [L_i, L_j], "kl": [L_i, L_j]}` in nats, averaged over tokens: ce the cross-entropy
+      of translator i on layer j against the labels (`token_shift` as in `lenses_metrics`), kl =
+      KL(q_jj || q_ij), from layer j's own lens distribution to the transferred one (zero on the
+      diagonal).
     """
     num_layers, batch, tokens, d = h_lbtd.shape
     n = batch * tokens
     chunk = min(chunk_tokens, n)
-    chunks = _evaluation_chunks(h_lbtd, input_ids_bt, chunk)
+    chunks = _evaluation_chunks(h_lbtd, input_ids_bt, chunk, token_shift)
     group = blocks_per_matmul(num_layers, chunk)
     groups = (
         translators.kernel_ldd.reshape(-1, group, d, d),
@@ -349,7 +376,7 @@ def transfer_metrics(
     translate_each = jax.vmap(translate, in_axes=(0, 0, None))
 
     def one_chunk(totals, xs):
-        h_lcd, labels_c, weight_c, next_weight_c = xs
+        h_lcd, labels_c, weight_c, label_weight_c = xs
 
         def one_layer(_, layer_xs):  # layer j: its own distribution, then every translator i
             kernel_dd, bias_d, h_cd = layer_xs
@@ -360,7 +387,7 @@ def transfer_metrics(
             def translator_group(_, group_xs):  # `group` translators, one matmul
                 x_gcd = decoder.final_norm(translate_each(*group_xs, h_cd))
                 moved, kl_gc = _stats_and_kl(decoder, x_gcd, decoder.unembed(x_gcd), labels_c, own)
-                return None, jnp.stack([moved.ce @ next_weight_c, kl_gc @ weight_c], axis=-1)
+                return None, jnp.stack([moved.ce @ label_weight_c, kl_gc @ weight_c], axis=-1)
 
             _, sums_ng2 = jax.lax.scan(translator_group, None, groups)
             return None, sums_ng2.reshape(num_layers, 2)
@@ -374,4 +401,5 @@ def transfer_metrics(
         one_chunk, jnp.zeros((num_layers, num_layers, 2), jnp.float32), chunks
     )
     sums_ij2 = sums_ji2.swapaxes(0, 1)
-    return {"ce": sums_ij2[..., 0] / (batch * (tokens - 1)), "kl": sums_ij2[..., 1] / n}
+    labelled = batch * labelled_positions(tokens, token_shift)
+    return {"ce": sums_ij2[..., 0] / labelled, "kl": sums_ij2[..., 1] / n}

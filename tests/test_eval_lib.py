@@ -17,13 +17,16 @@ from jaxlens.eval_lib import evaluate_lens
 from jaxlens.models import load_model
 
 
+@pytest.mark.parametrize("token_shift", [1, -1])
 def test_evaluate_command_writes_tuned_lens_metrics_equal_to_tuned_lens_own_logit_lens(
-    tokenizer, text_dir, tmp_path
+    tokenizer, text_dir, tmp_path, token_shift
 ):
-
+    """Against tuned-lens's logit lens, metric formulas and label shifting (its `shift_labels`
+    and `shift_preds`), for the next token and for tuned-lens's `--token_shift=-1`."""
     import transformers
     from conftest import save_tiny_lm
     from tuned_lens.nn.lenses import LogitLens as TorchLogitLens
+    from tuned_lens.utils import shift_labels, shift_preds
 
     from jaxlens import data as data_lib
 
@@ -31,7 +34,7 @@ def test_evaluate_command_writes_tuned_lens_metrics_equal_to_tuned_lens_own_logi
     config = tiny.get_config()
     config.model.source = str(model_dir)
     config.data.source = str(text_dir)
-    result = evaluate_lens(config, "logit", tmp_path / "out", tokens=128)
+    result = evaluate_lens(config, "logit", tmp_path / "out", tokens=128, token_shift=token_shift)
     saved = json.loads((tmp_path / "out" / "aggregate_metrics.json").read_text())
     assert set(saved) == {"logit", "tuned", "baseline"}
     assert set(saved["logit"]) == {"ce", "entropy", "kl"}
@@ -53,7 +56,10 @@ def test_evaluate_command_writes_tuned_lens_metrics_equal_to_tuned_lens_own_logi
         final_lps = out.logits.log_softmax(-1)
         for i, h in enumerate(out.hidden_states[:-1]):
             lps = lens(h, idx=i).log_softmax(-1)
-            ce = torch.nn.functional.cross_entropy(lps[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            ce = torch.nn.functional.cross_entropy(
+                shift_preds(lps, token_shift).flatten(0, 1),
+                shift_labels(ids, token_shift).flatten(),
+            )
             entropy = (-lps.exp() * lps).sum(-1).mean()
             kl = (final_lps.exp() * (final_lps - lps)).sum(-1).mean()
             for name, value in (("ce", ce), ("entropy", entropy), ("kl", kl)):
@@ -119,13 +125,18 @@ def test_recorded_logit_stats_equal_tuned_lens_logit_stats_of_its_own_lenses(
     assert saved["tuned"]["logit_stats"]["layer_0"] != saved["logit"]["logit_stats"]["layer_0"]
 
 
-def test_a_token_budget_larger_than_the_data_is_refused(tiny_lm, text_dir, tmp_path):
+def test_a_token_budget_beyond_the_data_or_a_shift_beyond_the_sequence_is_refused(
+    tiny_lm, text_dir, tmp_path
+):
 
     config = tiny.get_config()
     config.model.source = str(tiny_lm)
     config.data.source = str(text_dir)
     with pytest.raises(ValueError, match=r"--tokens=100000 exceeds the 256 held-out tokens"):
         evaluate_lens(config, "logit", tmp_path / "out", tokens=100_000)
+    with pytest.raises(ValueError, match=r"token_shift=-32 leaves no label in sequences of 32"):
+        evaluate_lens(config, "logit", tmp_path / "out", token_shift=-32)
+    assert not (tmp_path / "out").exists()
 
 
 def test_layer_transfer_files_nest_as_tuned_lens_and_agree_with_the_layer_metrics(

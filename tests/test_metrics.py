@@ -112,6 +112,45 @@ def test_layer_transfer_equals_numpy_on_pytorch_logits(tmp_path, family, shape, 
     np.testing.assert_allclose(np.diag(got["kl"]), 0.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("shift", [1, 0, 2, -1])
+def test_cross_entropies_take_their_labels_token_shift_positions_away(tmp_path, shift):
+    """Position i's label is token i + shift, where that is inside the sequence (tuned-lens's
+    `--token_shift`); KL and entropy do not depend on it. Layer transfer's diagonal is the lens
+    itself."""
+    torch_model = tiny_models.build("gptj", seed=24)
+    model = load_model(tiny_models.save(torch_model, tmp_path))
+    ids = np.random.default_rng(3).integers(0, model.vocab_size, size=(2, 8))
+    translators = tiny_models.random_translators(model.num_layers, model.d_model, seed=2)
+    hidden = model(ids).hidden_lbtd
+    args = (model.decoder(), translators, hidden[:-1], hidden[-1], jnp.asarray(ids))
+    got = layer_metrics(*args, chunk_tokens=5, token_shift=shift)
+    next_token = layer_metrics(*args, chunk_tokens=5)
+    transfer = transfer_metrics(
+        model.decoder(), translators, hidden[:-1], jnp.asarray(ids), token_shift=shift
+    )
+
+    labelled = slice(max(0, -shift), 8 - max(0, shift))  # positions whose label exists
+    labels = ids[:, max(0, shift) : 8 + min(0, shift)]
+    with torch.no_grad():
+        out = torch_model(torch.tensor(ids), output_hidden_states=True)
+        log_p = _log_softmax(out.logits.numpy().astype(np.float64))
+        head, norm = torch_model.get_output_embeddings(), tiny_models.final_norm_module(torch_model)
+        for layer in range(model.num_layers):
+            h = out.hidden_states[layer]
+            moved = h + h @ torch.tensor(np.asarray(translators.kernel_ldd[layer]))
+            moved = moved + torch.tensor(np.asarray(translators.bias_ld[layer]))
+            log_q = _log_softmax(head(norm(moved)).numpy().astype(np.float64))
+            ce = -np.take_along_axis(log_q[:, labelled], labels[..., None], -1).mean()
+            np.testing.assert_allclose(got["ce"][layer], ce, rtol=1e-5)
+            np.testing.assert_allclose(transfer["ce"][layer, layer], ce, rtol=1e-5)
+    base_ce = -np.take_along_axis(log_p[:, labelled], labels[..., None], -1).mean()
+    np.testing.assert_allclose(got["baseline_ce"], base_ce, rtol=1e-5)
+    for key in ("kl", "entropy"):
+        np.testing.assert_allclose(got[key], next_token[key], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"token_shift=8 leaves no label in sequences of 8"):
+        layer_metrics(*args, token_shift=8)
+
+
 def test_metrics_keep_their_digits_when_all_logits_are_large(tmp_path):
     """Adding a constant to every logit changes no distribution, so no metric may move; a
     formula that subtracts two logit-sized numbers (lse - sum q z) would lose ~1e-4 here."""
