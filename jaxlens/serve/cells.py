@@ -7,7 +7,7 @@ cross-entropy, KL(model output || lens), the rank of the next token, the top pro
 top-k tokens with their probabilities. `lens_cells` computes them a few layers at a time in a
 `lax.scan` (`metrics.blocks_per_matmul`: about `metrics.MATMUL_ROWS` rows of `[rows, V]` logits
 at once) with the library's own pieces: the lens's translators and decoder, and
-`metrics.softmax_stats`. The model's own output is the last row, as in
+`softmax_stats`. The model's own output is the last row, as in
 `trajectory_lib.PredictionTrajectory`, whose float64 host statistics these match.
 
 The logit lens is passed as an untrained `TunedLens` (zero translators: exactly the logit lens,
@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlens.lens import TunedLens
-from jaxlens.metrics import blocks_per_matmul, softmax_stats
+from jaxlens.metrics import blocks_per_matmul
+from jaxlens.softmax_stats import softmax_stats
 
 TOP_K_BLOCK = 128  # vocabulary entries per block in the exact two-stage top-k below
 
