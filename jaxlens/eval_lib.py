@@ -110,12 +110,14 @@ def evaluate(
         reported in the tuned-lens files under "tuned" -> "layer_transfer".
       logit_stats: also each lens's distribution at each layer, and the model's, averaged over
         every position (tuned-lens's `--record_logit_stats`): `result["logit_stats"]`, nested as
-        its `logit_stats.json`.
+        its `logit_stats.json`, and each lens's bias `result[lens]["marginal_kl_nats"]`
+        (`marginal_kl`).
       mesh: a ("data", "model") mesh (default: all devices on "data").
       shard_model_params: split the frozen weights over "model" (`model_param_shardings`).
     Returns:
       `{"logit": {"kl_nats", "kl_bpb", "ce_bpb", "entropy_bpb": [L]}, "tuned": {...},
-        "baseline": {"ce_bpb", "entropy_bpb": float}, "tokens": int}`.
+        "baseline": {"ce_bpb", "entropy_bpb": float}, "tokens": int}` (with `logit_stats`, also
+        "marginal_kl_nats" per lens and "logit_stats").
     """
     mesh = make_mesh(-1, 1) if mesh is None else mesh
     params = model.params if model_params is None else model_params
@@ -165,7 +167,21 @@ def evaluate(
     if logit_stats:  # equal batches: the mean of their means is the mean over every position
         marginals = {key: total / len(per_batch) for key, total in marginal_sums.items()}
         result["logit_stats"] = eval_report.tuned_lens_logit_stats(marginals)
+        for name in ("logit", "tuned"):
+            result[name]["marginal_kl_nats"] = marginal_kl(
+                marginals["logit/baseline_marginal"], marginals[f"{name}/marginal"]
+            ).tolist()
     return result
+
+
+def marginal_kl(model_marginal_v: np.ndarray, lens_marginals_lv: np.ndarray) -> np.ndarray:
+    """A lens's bias at each layer: KL(model's mean distribution || lens's mean distribution)
+    `[L]` in nats, from the marginals of `evaluate(..., logit_stats=True)` (float64 on the host).
+    Tokens the model never gives any probability add nothing."""
+    p_v = np.asarray(model_marginal_v, np.float64)
+    q_lv = np.maximum(np.asarray(lens_marginals_lv, np.float64), np.finfo(np.float64).tiny)
+    log_ratio_lv = np.log(np.where(p_v > 0, p_v, 1.0)) - np.log(q_lv)
+    return (np.where(p_v > 0, p_v, 0.0) * log_ratio_lv).sum(-1)
 
 
 def _batch_layout(num_sequences: int, batch_size: int, data: int) -> tuple[int, P]:

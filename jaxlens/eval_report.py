@@ -84,6 +84,12 @@ def format_table(result: dict) -> str:
         f"model's own cross-entropy: {result['baseline']['ce_bpb']:.3f} bpb; tuned/logit mean KL: "
         f"{mean_tuned / mean_logit:.1%} ({result['tokens']} held-out tokens)"
     )
+    if "marginal_kl_nats" in logit:
+        lines.append(
+            "bias, KL(model's mean distribution || lens's), mean over layers: "
+            f"logit {np.mean(logit['marginal_kl_nats']):.3f}, "
+            f"tuned {np.mean(tuned['marginal_kl_nats']):.3f} nats"
+        )
     return "\n".join(lines)
 
 

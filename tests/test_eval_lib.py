@@ -72,7 +72,8 @@ def test_recorded_logit_stats_equal_tuned_lens_logit_stats_of_its_own_lenses(
 ):
     """`--record_logit_stats` against tuned-lens's `LogitStats`, fed as its eval loop feeds it:
     each batch's log-probabilities of tuned-lens's own logit lens and of the jaxlens lens file
-    loaded in tuned-lens, over all 256 held-out tokens (two batches)."""
+    loaded in tuned-lens, over all 256 held-out tokens (two batches); and each lens's bias, the KL
+    between the model's and the lens's mean distributions."""
     import transformers
     from tuned_lens.nn.lenses import LogitLens as TorchLogitLens
     from tuned_lens.nn.lenses import TunedLens as TorchTunedLens
@@ -86,7 +87,7 @@ def test_recorded_logit_stats_equal_tuned_lens_logit_stats_of_its_own_lenses(
     config = tiny.get_config()
     config.model.source = str(tiny_lm)
     config.data.source = str(text_dir)
-    evaluate_lens(config, str(lens_dir), tmp_path / "out", record_logit_stats=True)
+    result = evaluate_lens(config, str(lens_dir), tmp_path / "out", record_logit_stats=True)
     saved = json.loads((tmp_path / "out" / "logit_stats.json").read_text())
     assert "logit_stats" not in json.loads((tmp_path / "out" / "eval.json").read_text())
 
@@ -123,6 +124,14 @@ def test_recorded_logit_stats_equal_tuned_lens_logit_stats_of_its_own_lenses(
         saved["baseline"]["logit_stats"]["final"], final.marginal_probs.numpy(), rtol=1e-4
     )
     assert saved["tuned"]["logit_stats"]["layer_0"] != saved["logit"]["logit_stats"]["layer_0"]
+    # Each lens's bias: KL(model's mean distribution || the lens's), in float64 from tuned-lens's.
+    p = final.marginal_probs.numpy().astype(np.float64)
+    for name in lenses:
+        for i in range(model.num_layers):
+            q = recorders[name, i].marginal_probs.numpy().astype(np.float64)
+            want = (p * (np.log(p) - np.log(q))).sum()
+            got = result[name]["marginal_kl_nats"][i]
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
 
 
 def test_a_token_budget_beyond_the_data_or_a_shift_beyond_the_sequence_is_refused(
