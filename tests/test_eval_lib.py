@@ -12,9 +12,36 @@ import tiny_models
 import torch
 
 from configs import tiny
-from jaxlens import lens_io
+from jaxlens import eval_report, lens_io
 from jaxlens.eval_lib import evaluate_lens
 from jaxlens.models import load_model
+
+
+def _tiny_config(tiny_lm, text_dir):
+    config = tiny.get_config()
+    config.model.source = str(tiny_lm)
+    config.data.source = str(text_dir)
+    return config
+
+
+def _random_lens(tiny_lm, directory, seed):
+    """The tiny model and a lens file of random translators for it."""
+    model = load_model(tiny_lm)
+    translators = tiny_models.random_translators(model.num_layers, model.d_model, seed=seed)
+    return model, lens_io.save_lens(directory, translators, model)
+
+
+def _heldout(config, text_dir, tokenizer):
+    """The held-out split the evaluation job reads (its `chunks` are `[n, seq_len]` token ids)."""
+    from jaxlens import data as data_lib
+
+    corpus = data_lib.tokenize_corpus(
+        data_lib.load_texts(str(text_dir)), tokenizer, config.data.seq_len
+    )
+    _, heldout = data_lib.split_heldout(
+        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
+    )
+    return heldout
 
 
 @pytest.mark.parametrize("token_shift", [1, -1])
@@ -28,8 +55,6 @@ def test_evaluate_command_writes_tuned_lens_metrics_equal_to_tuned_lens_own_logi
     from tuned_lens.nn.lenses import LogitLens as TorchLogitLens
     from tuned_lens.utils import shift_labels, shift_preds
 
-    from jaxlens import data as data_lib
-
     model_dir = save_tiny_lm(tmp_path / "gpt2", "gpt2", tokenizer)
     config = tiny.get_config()
     config.model.source = str(model_dir)
@@ -42,12 +67,7 @@ def test_evaluate_command_writes_tuned_lens_metrics_equal_to_tuned_lens_own_logi
     assert result["tokens"] == 128
 
     # tuned-lens's own logit lens and metric formulas (its eval loop), on the same tokens.
-    corpus = data_lib.tokenize_corpus(
-        data_lib.load_texts(str(text_dir)), tokenizer, config.data.seq_len
-    )
-    _, heldout = data_lib.split_heldout(
-        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
-    )
+    heldout = _heldout(config, text_dir, tokenizer)
     ids = torch.tensor(heldout.chunks[:4].astype(np.int64))
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     lens = TorchLogitLens.from_model(torch_model)
@@ -79,24 +99,13 @@ def test_recorded_logit_stats_equal_tuned_lens_logit_stats_of_its_own_lenses(
     from tuned_lens.nn.lenses import TunedLens as TorchTunedLens
     from tuned_lens.stats import LogitStats
 
-    from jaxlens import data as data_lib
-
-    model = load_model(tiny_lm)
-    translators = tiny_models.random_translators(model.num_layers, model.d_model, seed=5)
-    lens_dir = lens_io.save_lens(tmp_path / "lens", translators, model)
-    config = tiny.get_config()
-    config.model.source = str(tiny_lm)
-    config.data.source = str(text_dir)
+    model, lens_dir = _random_lens(tiny_lm, tmp_path / "lens", seed=5)
+    config = _tiny_config(tiny_lm, text_dir)
     result = evaluate_lens(config, str(lens_dir), tmp_path / "out", record_logit_stats=True)
     saved = json.loads((tmp_path / "out" / "logit_stats.json").read_text())
     assert "logit_stats" not in json.loads((tmp_path / "out" / "eval.json").read_text())
 
-    corpus = data_lib.tokenize_corpus(
-        data_lib.load_texts(str(text_dir)), tokenizer, config.data.seq_len
-    )
-    _, heldout = data_lib.split_heldout(
-        corpus, heldout_chunks=config.data.heldout_sequences, seed=config.seed
-    )
+    heldout = _heldout(config, text_dir, tokenizer)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     lenses = {
         "logit": TorchLogitLens.from_model(torch_model),
@@ -124,6 +133,7 @@ def test_recorded_logit_stats_equal_tuned_lens_logit_stats_of_its_own_lenses(
         saved["baseline"]["logit_stats"]["final"], final.marginal_probs.numpy(), rtol=1e-4
     )
     assert saved["tuned"]["logit_stats"]["layer_0"] != saved["logit"]["logit_stats"]["layer_0"]
+    assert "bias, KL(model's mean distribution || lens's)" in eval_report.format_table(result)
     # Each lens's bias: KL(model's mean distribution || the lens's), in float64 from tuned-lens's.
     p = final.marginal_probs.numpy().astype(np.float64)
     for name in lenses:
@@ -138,9 +148,7 @@ def test_a_token_budget_beyond_the_data_or_a_shift_beyond_the_sequence_is_refuse
     tiny_lm, text_dir, tmp_path
 ):
 
-    config = tiny.get_config()
-    config.model.source = str(tiny_lm)
-    config.data.source = str(text_dir)
+    config = _tiny_config(tiny_lm, text_dir)
     with pytest.raises(ValueError, match=r"--tokens=100000 exceeds the 256 held-out tokens"):
         evaluate_lens(config, "logit", tmp_path / "out", tokens=100_000)
     with pytest.raises(ValueError, match=r"token_shift=-32 leaves no label in sequences of 32"):
@@ -152,9 +160,7 @@ def test_layer_transfer_files_nest_as_tuned_lens_and_agree_with_the_layer_metric
     tiny_lm, text_dir, tmp_path
 ):
 
-    config = tiny.get_config()
-    config.model.source = str(tiny_lm)
-    config.data.source = str(text_dir)
+    config = _tiny_config(tiny_lm, text_dir)
     # The logit lens: every translator is the identity, so translator i on layer j is layer j.
     evaluate_lens(config, "logit", tmp_path, tokens=64, layer_transfer=True)
     saved = json.loads((tmp_path / "aggregate_metrics.json").read_text())
@@ -171,12 +177,8 @@ def test_evaluation_sharded_over_four_devices_equals_one_device(tiny_lm, text_di
     """The command on a 2x2 mesh (bank and frozen weights split over "model") vs one device,
     with `--record_logit_stats`."""
 
-    model = load_model(tiny_lm)
-    translators = tiny_models.random_translators(model.num_layers, model.d_model, seed=3)
-    lens_dir = lens_io.save_lens(tmp_path / "lens", translators, model)
-    config = tiny.get_config()
-    config.model.source = str(tiny_lm)
-    config.data.source = str(text_dir)
+    _, lens_dir = _random_lens(tiny_lm, tmp_path / "lens", seed=3)
+    config = _tiny_config(tiny_lm, text_dir)
     evaluate_lens(config, str(lens_dir), tmp_path / "one", record_logit_stats=True)
     repo = pathlib.Path(__file__).resolve().parents[1]
     subprocess.run(
