@@ -197,7 +197,7 @@ def layer_losses(
             )
             p_cv = jnp.exp(log_p)
             neg_entropy = (weight_c * (p_cv * log_p).sum(-1)).sum()
-            if decoder.logit_softcap is None:
+            if decoder.linear_logits:
                 target_c = _target_moments(p_cv, decoder.unembed_vd, decoder.unembed_bias_v)
             else:
                 target_c = p_cv
