@@ -17,6 +17,17 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+def _torch_lens_log_probs(torch_model, translators, i, h):
+    """float64 log-probabilities of translator i on PyTorch hidden states h, decoded by the
+    PyTorch model's own final norm and head (and its soft-cap). Call under `torch.no_grad()`."""
+    head, norm = torch_model.get_output_embeddings(), tiny_models.final_norm_module(torch_model)
+    cap = torch_model.config.to_dict().get("final_logit_softcapping")
+    moved = h + h @ torch.tensor(np.asarray(translators.kernel_ldd[i]))
+    moved = moved + torch.tensor(np.asarray(translators.bias_ld[i]))
+    z = head(norm(moved)).numpy().astype(np.float64)
+    return _log_softmax(z if cap is None else cap * np.tanh(z / cap))
+
+
 @pytest.mark.parametrize(
     ("family", "lens", "chunk"),
     [("gptj", "tuned", 5), ("gptj", "tuned", 4096), ("gptj", "logit", 5), ("gptj", "logit", 4096)]
@@ -28,7 +39,6 @@ def test_layer_metrics_equal_numpy_on_pytorch_logits(tmp_path, family, lens, chu
     soft-caps them, so its KL is summed over the vocabulary. Marginals: the mean distribution
     over every position (chunks of 5 pad the 24 positions to 25; the padding is weighted out)."""
     torch_model = tiny_models.build(family, seed=21)
-    cap = torch_model.config.to_dict().get("final_logit_softcapping")
     model = load_model(tiny_models.save(torch_model, tmp_path))
     ids = np.random.default_rng(0).integers(0, model.vocab_size, size=(3, 8))
     num_layers = model.num_layers
@@ -49,13 +59,8 @@ def test_layer_metrics_equal_numpy_on_pytorch_logits(tmp_path, family, lens, chu
     with torch.no_grad():
         out = torch_model(torch.tensor(ids), output_hidden_states=True)
         log_p = _log_softmax(out.logits.numpy().astype(np.float64))
-        head, norm = torch_model.get_output_embeddings(), tiny_models.final_norm_module(torch_model)
         for layer in range(num_layers):
-            h = out.hidden_states[layer]
-            moved = h + h @ torch.tensor(np.asarray(translators.kernel_ldd[layer]))
-            moved = moved + torch.tensor(np.asarray(translators.bias_ld[layer]))
-            z = head(norm(moved)).numpy().astype(np.float64)
-            log_q = _log_softmax(z if cap is None else cap * np.tanh(z / cap))
+            log_q = _torch_lens_log_probs(torch_model, translators, layer, out.hidden_states[layer])
             kl = (np.exp(log_p) * (log_p - log_q)).sum(-1).mean()
             ce = -np.take_along_axis(log_q[:, :-1], ids[:, 1:, None], -1).mean()
             entropy = -(np.exp(log_q) * log_q).sum(-1).mean()
@@ -80,7 +85,6 @@ def test_layer_transfer_equals_numpy_on_pytorch_logits(tmp_path, family, shape, 
     layers, chunks of 12, 400 and 1,200 tokens decode 4, 2 and 1 translators per matmul."""
     layers = {"n_layer": 4} if family == "gpt2" else {}
     torch_model = tiny_models.build(family, seed=22, **layers)
-    cap = torch_model.config.to_dict().get("final_logit_softcapping")
     model = load_model(tiny_models.save(torch_model, tmp_path))
     ids = np.random.default_rng(0).integers(0, model.vocab_size, size=shape)
     num_layers = model.num_layers
@@ -90,16 +94,11 @@ def test_layer_transfer_equals_numpy_on_pytorch_logits(tmp_path, family, shape, 
         model.decoder(), translators, hidden[:-1], jnp.asarray(ids), chunk_tokens=chunk
     )
 
-    head, norm = torch_model.get_output_embeddings(), tiny_models.final_norm_module(torch_model)
     with torch.no_grad():
         out = torch_model(torch.tensor(ids), output_hidden_states=True)
 
         def log_q(i, j):
-            h = out.hidden_states[j]
-            moved = h + h @ torch.tensor(np.asarray(translators.kernel_ldd[i]))
-            moved = moved + torch.tensor(np.asarray(translators.bias_ld[i]))
-            z = head(norm(moved)).numpy().astype(np.float64)
-            return _log_softmax(z if cap is None else cap * np.tanh(z / cap))
+            return _torch_lens_log_probs(torch_model, translators, i, out.hidden_states[j])
 
         for j in range(num_layers):
             own = log_q(j, j)
@@ -134,12 +133,8 @@ def test_cross_entropies_take_their_labels_token_shift_positions_away(tmp_path, 
     with torch.no_grad():
         out = torch_model(torch.tensor(ids), output_hidden_states=True)
         log_p = _log_softmax(out.logits.numpy().astype(np.float64))
-        head, norm = torch_model.get_output_embeddings(), tiny_models.final_norm_module(torch_model)
         for layer in range(model.num_layers):
-            h = out.hidden_states[layer]
-            moved = h + h @ torch.tensor(np.asarray(translators.kernel_ldd[layer]))
-            moved = moved + torch.tensor(np.asarray(translators.bias_ld[layer]))
-            log_q = _log_softmax(head(norm(moved)).numpy().astype(np.float64))
+            log_q = _torch_lens_log_probs(torch_model, translators, layer, out.hidden_states[layer])
             ce = -np.take_along_axis(log_q[:, labelled], labels[..., None], -1).mean()
             np.testing.assert_allclose(got["ce"][layer], ce, rtol=1e-5)
             np.testing.assert_allclose(transfer["ce"][layer, layer], ce, rtol=1e-5)
