@@ -1,11 +1,12 @@
 """Held-out evaluation of a tuned lens against the logit lens, per layer, sharded like training.
 
-For each layer and each lens: KL(model output || lens) and next-token cross-entropy, averaged
-over tokens, plus the model's own cross-entropy as a baseline (`metrics.lenses_metrics`: both
-lenses in one pass). Cross-entropies are reported in bits per byte (tuned-lens's unit, via the
-corpus's `nats_to_bpb`); KL in nats and in bits per byte. Batches are split over the mesh's
-"data" axis, the bank over "model", as in training. `evaluate_lens` is the whole evaluation job that
-`python -m jaxlens.evaluate` runs; the result's formats live in `eval_report`.
+For each layer and each lens: KL(model output || lens) and next-token (or `token_shift`)
+cross-entropy, averaged over tokens, plus the model's own cross-entropy as a baseline
+(`metrics.lenses_metrics`: both lenses in one pass). Cross-entropies are reported in bits per byte
+(tuned-lens's unit, via the corpus's `nats_to_bpb`); KL in nats and in bits per byte. Batches are
+split over the mesh's "data" axis, the bank over "model", as in training. `evaluate_lens` is the
+whole evaluation job that `python -m jaxlens.evaluate` runs; the result's formats live in
+`eval_report`.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def evaluate(
       shard_model_params: split the frozen weights over "model" (`model_param_shardings`).
     Returns:
       `{"logit": {"kl_nats", "kl_bpb", "ce_bpb", "entropy_bpb": [L]}, "tuned": {...},
-        "baseline": {"ce_bpb", "entropy_bpb": float}, "tokens": int}` (with `logit_stats`, also
-        "marginal_kl_nats" per lens and "logit_stats").
+        "baseline": {"ce_bpb", "entropy_bpb": float}, "tokens": int, "token_shift": int}` (with
+        `logit_stats`, also "marginal_kl_nats" per lens and "logit_stats").
     """
     mesh = make_mesh(-1, 1) if mesh is None else mesh
     params = model.params if model_params is None else model_params
@@ -150,7 +151,10 @@ def evaluate(
             marginal_sums[key] = marginal_sums.get(key, 0.0) + metrics.pop(key)
         per_batch.append(metrics)
     means = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *per_batch)
-    result = {"tokens": int(len(per_batch) * batch_size * sequences_nt.shape[1])}
+    result = {
+        "tokens": int(len(per_batch) * batch_size * sequences_nt.shape[1]),
+        "token_shift": token_shift,
+    }
     for name in ("logit", "tuned"):
         kl = means[f"{name}/kl"]
         result[name] = {

@@ -225,7 +225,10 @@ def metric_curves_png(eval_result: dict, path):
         )
     _, figure = _matplotlib()
     fig = figure.Figure(figsize=(15, 3.8), dpi=120)
+    shift = eval_result.get("token_shift", 1)
     for ax, (key, label) in zip(fig.subplots(1, len(_PANELS)), _PANELS, strict=True):
+        if key == "ce_bpb" and shift != 1:  # `evaluate --token_shift`: not the next token
+            label = f"cross-entropy to token i{shift:+d} [bits/byte]"
         for lens, style in (("logit", "o--"), ("tuned", "o-")):
             ax.plot(eval_result[lens][key], style, label=f"{lens} lens", markersize=3)
         baseline = eval_result.get("baseline", {}).get(key)

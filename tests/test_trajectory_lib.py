@@ -280,6 +280,9 @@ def test_metric_curves_draw_the_evaluation(tmp_path):
     for ax, (key, _) in zip(fig.axes, plotting._PANELS, strict=True):
         np.testing.assert_array_equal(ax.lines[0].get_ydata(), result["logit"][key])
         np.testing.assert_array_equal(ax.lines[1].get_ydata(), result["tuned"][key])
+    assert fig.axes[1].get_title().startswith("next-token cross-entropy")
+    shifted = plotting.metric_curves_png(result | {"token_shift": -1}, tmp_path / "shifted.png")
+    assert shifted.axes[1].get_title() == "cross-entropy to token i-1 [bits/byte]"
     del result["tuned"]["ce_bpb"]
     with pytest.raises(ValueError, match="tuned/ce_bpb"):
         plotting.metric_curves_png(result, tmp_path / "bad.png")
