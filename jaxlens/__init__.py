@@ -13,6 +13,12 @@ from __future__ import annotations
 
 import importlib
 
+from jaxlens import hardware
+
+# Before any JAX backend starts: a machine with libtpu but no TPU (for `jaxlens plan`) keeps
+# JAX from loading libtpu in every process.
+hardware.keep_libtpu_off_tpu_less_hosts()
+
 # public name -> the module that owns it
 _API = {
     "Decoder": "jaxlens.decoder",
