@@ -171,3 +171,24 @@ def torch_smollm2(smollm2_path):
 
             shutil.rmtree(staging, ignore_errors=True)
     return transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A GCS emulator on 127.0.0.1 for this test process (`gcs_emulator.GcsEmulator`), with
+    this process's environment pointed at it; `gcs.make_bucket(name)` gives `gs://name`."""
+    import os
+
+    import gcs_emulator
+
+    with gcs_emulator.GcsEmulator(tmp_path_factory.mktemp("gcs")) as emulator:
+        saved = {key: os.environ.get(key) for key in gcs_emulator.ENV_KEYS}
+        gcs_emulator.set_env(emulator.env)
+        try:
+            yield emulator
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
