@@ -346,3 +346,28 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny):
     ids[2, 2] = model.vocab_size
     with pytest.raises(ValueError, match="Token ids must lie in"):
         fit_translators(model, ids, ridge=1e-3)
+
+
+def test_the_compensated_pair_reaches_the_solve_unrounded():
+    """Many float32 batch sums of tokens with a large mean offset: the pair holds their float64
+    total to far below float32's rounding, and the solve (condition ~1e5 from the offset) turns a
+    float32 rounding of the total (6e-8 relative) into ~1e-3 of the map. Reference: the same
+    float32 batch sums added and solved in float64 numpy."""
+    rng = np.random.default_rng(0)
+    d, tokens, num_batches, offset = 8, 64, 40, 100.0
+    true_m = rng.normal(size=(d, d))
+    acc = Accumulator.zeros(1, d)
+    add = jax.jit(lambda a, s: a.add(s))
+    want = None
+    for _ in range(num_batches):
+        x = offset + rng.normal(size=(tokens, d))
+        y = x @ true_m + rng.normal(size=(tokens, d))
+        x_lbtd = jnp.asarray(x[None, None], jnp.float32)
+        ones = jnp.ones((1, 1, tokens), jnp.float32)
+        stats = batch_statistics(x_lbtd, jnp.asarray(y[None], jnp.float32), ones, ones)
+        acc = add(acc, stats)
+        batch = jax.tree.map(lambda a: np.asarray(a, np.float64), stats)
+        want = batch if want is None else jax.tree.map(np.add, want, batch)
+    want_m = np.linalg.solve(want.xx_lde[0], want.xy_lde[0])
+    got = np.asarray(solve(acc, ridge=0.0).kernel_ldd[0], np.float64) + np.eye(d)
+    assert _relative(got, want_m) < 1e-5

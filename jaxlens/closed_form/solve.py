@@ -54,7 +54,7 @@ def solve(
     """Solves every layer's ridge system and returns the bank (float32, host).
 
     Args:
-      stats: the summed statistics (an `Accumulator` is read through `.value()`).
+      stats: the summed statistics (an `Accumulator`'s float32 pair is added in float64).
       ridge: λ >= 0, relative to tr(XᵀX)/d (see module doc).
       fit_bias: fit an affine map on [x, 1] instead of a linear one.
       bias: give the bank a bias array (zeros unless `fit_bias`); else `bias_ld` is None.
@@ -68,21 +68,28 @@ def solve(
       ValueError: a negative or non-finite λ, non-finite statistics, a layer without tokens, or a
         singular system; the message says what to change.
     """
+    # A compensated float32 pair is read half by half and added in float64 here: adding it on
+    # device would round it to float32 and throw the compensation away before the solve.
     if isinstance(stats, Accumulator):
-        with x64(stats.dtype):
-            stats = stats.value()
+        halves = tuple(s for s in (stats.total, stats.compensation) if s is not None)
+    else:
+        halves = (stats,)
+
+    def read(field, index=()):
+        return sum(_host(getattr(half, field), index) for half in halves)
+
     if not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge={ridge}; it must be a finite number >= 0 (e.g. 1e-3).")
     if fit_bias and not bias:
         raise ValueError("fit_bias=True needs bias=True (a bank with a bias array).")
-    num_layers, d = stats.x_ld.shape
+    num_layers, d = halves[0].x_ld.shape
     observed = np.ones(d, bool) if observed_d is None else np.asarray(observed_d, bool)
-    counts, rms_sums = _host(stats.count_l), _host(stats.rms_l)
+    counts, rms_sums = read("count_l"), read("rms_l")
     kernels = np.empty((num_layers, d, d), np.float32)
     biases = np.zeros((num_layers, d), np.float32)
     for layer in range(num_layers):
-        xx, xy = _host(stats.xx_lde, layer), _host(stats.xy_lde, layer)
-        sx, sy = _host(stats.x_ld, layer), _host(stats.y_ld, layer)
+        xx, xy = read("xx_lde", layer), read("xy_lde", layer)
+        sx, sy = read("x_ld", layer), read("y_ld", layer)
         _check_layer(layer, xx, xy, sx, sy, counts[layer], ridge, d + fit_bias)
         lhs = (xx + xx.T) / 2
         lhs[np.diag_indices(d)] += ridge * np.trace(xx) / d

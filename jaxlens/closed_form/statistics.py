@@ -131,6 +131,7 @@ class Accumulator:
         return Accumulator(put(self.total, new), put(self.compensation, comp))
 
     def value(self) -> Statistics:
+        """The sums in their dtype: a float32 pair is rounded here (`solve` reads both halves)."""
         if self.compensation is None:
             return self.total
         return jax.tree.map(jnp.add, self.total, self.compensation)
