@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxlens import precision
+
 NORM_KINDS = ("layernorm", "rmsnorm", "gemma_rmsnorm", "none")
 
 
@@ -93,12 +95,7 @@ class Decoder:
         Returns:
           logits `[..., vocab]` in float32.
         """
-        logits = jnp.einsum(
-            "...d,vd->...v",
-            self._matmul_input(h_d),
-            self.unembed_vd,
-            preferred_element_type=jnp.float32,
-        )
+        logits = precision.einsum("...d,vd->...v", self._matmul_input(h_d), self.unembed_vd)
         if self.unembed_bias_v is not None:
             logits = logits + self.unembed_bias_v.astype(jnp.float32)
         return self.cap(logits)

@@ -21,13 +21,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxlens import precision
 from jaxlens.decoder import Decoder
 
 
 def translate(kernel_dd: jax.Array, bias_d: jax.Array | None, h_d: jax.Array) -> jax.Array:
     """One translator in residual form, in float32: `h + h @ kernel (+ bias)` over `[..., d]`."""
     h = h_d.astype(jnp.float32)
-    moved = h + h @ kernel_dd
+    moved = h + precision.einsum("...d,de->...e", h, kernel_dd)
     return moved if bias_d is None else moved + bias_d
 
 
@@ -114,7 +115,7 @@ class TunedLens(LogitLens):
                 f"got {h_lbtd.shape[0]}. Pass hidden_lbtd[:-1]: the last entry is the output."
             )
         h = h_lbtd.astype(jnp.float32)
-        out = h + jnp.einsum("l...d,lde->l...e", h, self.translators.kernel_ldd)
+        out = h + precision.einsum("l...d,lde->l...e", h, self.translators.kernel_ldd)
         if self.translators.bias_ld is not None:
             bias = self.translators.bias_ld.reshape(
                 (self.num_layers,) + (1,) * (h.ndim - 2) + (-1,)

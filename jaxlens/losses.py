@@ -26,14 +26,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxlens import precision
 from jaxlens.decoder import Decoder
 from jaxlens.lens import Translators, translate
 
 
 def _logits(x_cd, unembed_vd, bias_v):
-    z = jnp.einsum(
-        "cd,vd->cv", x_cd.astype(unembed_vd.dtype), unembed_vd, preferred_element_type=jnp.float32
-    )
+    z = precision.einsum("cd,vd->cv", x_cd.astype(unembed_vd.dtype), unembed_vd)
     return z if bias_v is None else z + bias_v.astype(jnp.float32)
 
 
@@ -66,17 +65,17 @@ def _target_moments(p_cv, unembed_vd, bias_v):
     """What every layer needs of a target distribution p `[c, V]`, computed once per chunk:
     `p U` `[c, d]` and `p . c` `[c]` (0 without a bias). Then `sum_v p_v z_v = x . pU + p . c`
     and the gradient's `p U` term need no `[c, V]` pass per layer."""
-    p_u_cd = jnp.einsum(
-        "cv,vd->cd", p_cv.astype(unembed_vd.dtype), unembed_vd, preferred_element_type=jnp.float32
+    p_u_cd = precision.einsum("cv,vd->cd", p_cv.astype(unembed_vd.dtype), unembed_vd)
+    p_bias_c = (
+        jnp.zeros(p_cv.shape[0])
+        if bias_v is None
+        else precision.einsum("cv,v->c", p_cv, bias_v.astype(jnp.float32))
     )
-    p_bias_c = jnp.zeros(p_cv.shape[0]) if bias_v is None else p_cv @ bias_v.astype(jnp.float32)
     return p_u_cd, p_bias_c
 
 
 def _times_unembed(g_cv, unembed_vd):
-    return jnp.einsum(
-        "cv,vd->cd", g_cv.astype(unembed_vd.dtype), unembed_vd, preferred_element_type=jnp.float32
-    )
+    return precision.einsum("cv,vd->cd", g_cv.astype(unembed_vd.dtype), unembed_vd)
 
 
 def _forward(kind, cap, x_cd, unembed_vd, bias_v, target, weight_c):

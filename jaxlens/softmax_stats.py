@@ -11,6 +11,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxlens import precision
+
 
 class SoftmaxStats(NamedTuple):
     """Per-token facts of logits z `[..., V]`, kept free of large offsets for float32 accuracy:
@@ -63,10 +65,7 @@ def softmax_stats(
     if rank:
         terms.append((z > label_z).astype(jnp.float32))
     ones_v = jnp.ones(z.shape[-1], jnp.float32)
-    sums = [
-        jnp.einsum("...v,v->...", term, ones_v, preferred_element_type=jnp.float32)
-        for term in terms
-    ]
+    sums = [precision.einsum("...v,v->...", term, ones_v) for term in terms]
     total, e_shifted = sums[0], sums[1]
     log_total = jnp.log(total)
     ce = log_total - (label_z - peak)[..., 0]
