@@ -1,6 +1,6 @@
 """Tuned lens for Gemma-3-1B (text-only causal LM) with tuned-lens's full recipe (gated).
 
-Run (needs the network for the model and FineWeb, and an accelerator):
+Run (needs the network for the model and FineWeb; preset: a TPU v5e-8, 8 chips of 16 GiB):
   python -m jaxlens.train --config=configs/gemma3.py --workdir=/tmp/jaxlens/gemma3
 TPU VM slice: run the same command on every worker with --config.distributed=True.
 Only text-only checkpoints (`Gemma3ForCausalLM`, model_type gemma3_text) load; the multimodal
@@ -9,6 +9,9 @@ format) is for jaxlens only.
 """
 
 from configs import hub_common
+
+# The Cloud TPU slice this preset is sized for (`jaxlens plan` checks it fits there).
+TOPOLOGY = "v5e-8"
 
 
 def get_config():

@@ -15,10 +15,14 @@ def get_config():
     c.data.max_documents = 120_000
     c.data.heldout_sequences = 64
     c.model.dtype = "bfloat16"  # model and unembedding in bfloat16, translators float32
-    c.micro_batches = 8  # 2^18 tokens per step in 8 accumulated micro-batches
+    # 128 sequences of 2,048 tokens per step. On 8 data chips (v5e-8, v6e-8) 16 micro-batches make
+    # one sequence a chip a micro-batch. micro_batches x data chips must divide 128: on 32 data
+    # chips (v5e-32, v4-64) add --config.micro_batches=4, on 64 --config.micro_batches=2.
+    c.micro_batches = 16
     c.chunk_tokens = 4096
     c.eval_batch_size = 8
-    # Mesh presets. One GPU or one TPU host: the defaults (all devices on "data").
+    # Mesh presets. One GPU or one TPU host: the defaults (all devices on "data"); each config
+    # names the slice it is sized for in TOPOLOGY.
     # TPU VM slice (same command on every worker): add --config.distributed=True.
     # A model too wide for one chip's bank: --config.mesh.model=2 (or more).
     return c

@@ -1,6 +1,6 @@
 """Tuned lens for OLMo-2-1B (post-norm blocks, QK-norm) with tuned-lens's full recipe.
 
-Run (needs the network for the model and FineWeb, and an accelerator):
+Run (needs the network for the model and FineWeb; preset: a TPU v5e-8, 8 chips of 16 GiB):
   python -m jaxlens.train --config=configs/olmo2.py --workdir=/tmp/jaxlens/olmo2
 TPU VM slice: run the same command on every worker with --config.distributed=True.
 For OLMo-3 add --config.model.source=allenai/Olmo-3-1025-7B and the preset for large models
@@ -8,6 +8,9 @@ below. tuned-lens 0.2.0 cannot load OLMo-2/3, so the exported lens is for jaxlen
 """
 
 from configs import hub_common
+
+# The Cloud TPU slice this preset is sized for (`jaxlens plan` checks it fits there).
+TOPOLOGY = "v5e-8"
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Tuned lens for Phi-3-mini-4k (fused projections, sliding window) with tuned-lens's recipe.
 
-Run (needs the network for the model and FineWeb, and an accelerator):
+Run (needs the network for the model and FineWeb; preset: a TPU v6e-8, 8 chips of 32 GiB):
   python -m jaxlens.train --config=configs/phi3.py --workdir=/tmp/jaxlens/phi3
 TPU VM slice: run the same command on every worker with --config.distributed=True.
 Phi-3.5-mini and Phi-4-mini use the same architecture (LongRoPE and partial rotary are
@@ -9,6 +9,9 @@ Phi-3, so the exported lens is for jaxlens only.
 """
 
 from configs import hub_common
+
+# The Cloud TPU slice this preset is sized for (`jaxlens plan` checks it fits there).
+TOPOLOGY = "v6e-8"
 
 
 def get_config():
