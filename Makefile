@@ -4,6 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jaxlens-installed
+# What `make setup` installs: the CPU test environment (`dev`: torch CPU, tuned-lens, pytest,
+# libtpu for TPU compiles) where no accelerator is attached; on a TPU VM (/dev/accel*, /dev/vfio)
+# jax with libtpu (`tpu`), on a machine with nvidia-smi jax's CUDA plugin (`cuda`), and no torch.
+# `make setup EXTRAS=dev` forces the test environment.
+EXTRAS ?= $(shell if ls /dev/accel* >/dev/null 2>&1 || [ -e /dev/vfio/0 ]; then echo tpu; \
+  elif command -v nvidia-smi >/dev/null 2>&1; then echo cuda; else echo dev; fi)
 DEMO_WORKDIR ?= workdirs/demo
 
 .PHONY: setup demo serve test browser bench lint format clean
@@ -13,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: setup

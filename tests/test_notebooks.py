@@ -120,6 +120,7 @@ def test_install_cells_and_colab_badges_name_the_published_repository():
     for path in NOTEBOOKS:
         install = nbformat.read(path, as_version=4).cells[1].source
         assert f'JAXLENS_PIP_SPEC = "git+{url}"' in install, path.name
+        assert 'f"jax=={jax.__version__}"' in install, path.name  # the runtime's jax is kept
         badge = f"colab.research.google.com/github/{owner_name}/blob/main/colab/{path.name}"
         assert badge in readme, path.name
     assert not re.findall(r"colab\.research\.google\.com/github/(?!" + owner_name + ")", readme)
